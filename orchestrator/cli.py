@@ -1,0 +1,108 @@
+"""`selfsup` — the command line.
+
+selfsup run CONFIG [--set key=value ...] [--print-config] [--verbose]
+selfsup methods
+
+Each further command lives in its own module under orchestrator/ and is listed in COMMANDS: the
+module has `add_parser(subparsers)` (which sets `handler=` with `set_defaults`) and the handler
+returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+from methods.config import ConfigError
+
+# Modules that add subcommands; one line each.
+COMMANDS: list[str] = [
+]
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key, value parsed as YAML (repeatable)")
+    p.add_argument("--name", help="run name (same as --set output.name=...); reuse it to resume")
+    p.add_argument("--address", help="existing Ray cluster (same as --set cluster.address=...)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised learning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="pretrain a method and run its evaluation stages")
+    add_config_args(run)
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.set_defaults(handler=cmd_run)
+    sub.add_parser("methods", help="list registered methods and their tunable hyperparameters"
+                   ).set_defaults(handler=cmd_methods)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    from orchestrator.config import load_config
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"output.name={args.name}")
+    if args.address:
+        overrides.append(f"cluster.address={args.address}")
+    return load_config(args.config, overrides)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import methods
+    from methods.config import tunables
+    for name in sorted(methods.METHODS):
+        spec = methods.METHODS[name]
+        params = ", ".join(f"{k}={v}" for k, v in tunables(spec.config).items())
+        print(f"{name}\t{params}\t# {spec.paper}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.config import dump_yaml
+    cfg = resolve(args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from orchestrator.run import run_experiment
+    start = time.time()
+    summary = run_experiment(cfg, verbose=args.verbose, log=lambda s: print(s, flush=True))
+    _print_summary(summary, time.time() - start)
+    return 0
+
+
+def _print_summary(summary: dict, seconds: float) -> None:
+    t = summary["train"]
+    print(f"\n{summary['method']}: {t['epochs']} epochs, {t['steps']} steps, "
+          f"final loss {t['final_loss']:.4f}, {t['images_per_s']:.0f} img/s, "
+          f"{t['skipped_images']} skipped image(s), {seconds:.0f} s in all")
+    for stage, metrics in summary["eval"].items():
+        if "top1" in metrics:
+            print(f"  {stage:<10} top-1 {metrics['top1']:.4f}")
+    run_dir = summary["run_dir"]
+    print(f"outputs:     {run_dir}")
+    print(f"tensorboard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        print(f"selfsup: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nselfsup: interrupted; run the same command with the same --name to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

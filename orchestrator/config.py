@@ -1,0 +1,152 @@
+"""The experiment config: every layer's typed section composed into one, validated before Ray.
+
+YAML is only its serialised form. `load_config(path, overrides)` reads the YAML with `safe_load`,
+applies `--set dotted.key=value` overrides (values parsed as YAML, so `[knn,linear]` is a list),
+and builds the typed sections; any unknown key, wrong type or out-of-range value raises
+`ConfigError` naming the dotted key. Dicts cross process boundaries through `to_dict` /
+`from_dict` only.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+import methods
+from methods.backbones import BackboneConfig
+from methods.config import ConfigError, build, param, to_dict as dataclass_to_dict
+from pipelines.data import DataConfig
+from pipelines.sources import inspect_source
+from pipelines.stages import STAGES, EvalConfig
+from pipelines.train_loop import TrainConfig
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = param(None, help="existing Ray cluster (auto, ray://..., host:port); "
+                                           "None starts Ray in this process")
+    num_cpus: int | None = param(None, ge=1, help="logical CPUs of an in-process Ray (None: all)")
+    object_store_mb: int | None = param(None, ge=64, help="object store of an in-process Ray")
+    storage_path: str | None = param(None, help="where runs are written (path or URI); "
+                                                "default output.dir")
+    dashboard: bool = param(True, help="start the dashboard (127.0.0.1) with an in-process Ray")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = param("outputs", help="folder holding one sub-folder per run")
+    name: str | None = param(None, help="run name; default <method>-<date>-<time>. "
+                                        "Reusing a name resumes that run")
+
+
+SECTIONS = ("method", "backbone", "data", "train", "eval", "cluster", "output", "sweep")
+
+
+@dataclass
+class ExperimentConfig:
+    method_name: str
+    method: Any
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sweep: dict | None = None
+
+
+def from_dict(d: dict) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from nested dicts (parsed YAML)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {d!r}")
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; valid sections: {', '.join(SECTIONS)}")
+    method = dict(d.get("method") or {})
+    name = method.pop("name", None)
+    if name is None:
+        raise ConfigError(f"method.name: missing; registered methods: "
+                          f"{', '.join(sorted(methods.METHODS))}")
+    spec = methods.get(name)
+    cfg = ExperimentConfig(
+        method_name=name,
+        method=build(spec.config, method, "method"),
+        backbone=build(BackboneConfig, d.get("backbone"), "backbone"),
+        data=build(DataConfig, d.get("data"), "data"),
+        train=build(TrainConfig, d.get("train"), "train"),
+        eval=build(EvalConfig, d.get("eval"), "eval"),
+        cluster=build(ClusterConfig, d.get("cluster"), "cluster"),
+        output=build(OutputConfig, d.get("output"), "output"),
+        sweep=d.get("sweep"),
+    )
+    _check_across_sections(cfg)
+    return cfg
+
+
+def _check_across_sections(cfg: ExperimentConfig) -> None:
+    t = cfg.train
+    if t.batch_size % t.num_workers:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by train.num_workers "
+                          f"= {t.num_workers}; every worker needs the same local batch")
+    if t.batch_size // t.num_workers < 2:
+        raise ConfigError(f"train.batch_size: {t.batch_size} gives each of {t.num_workers} workers "
+                          f"fewer than 2 images; contrastive losses need 2 or more per worker")
+    if any(STAGES[s].needs_labels for s in cfg.eval.stages) and cfg.data.eval_source is None:
+        info = inspect_source(cfg.data.source, "data.source", image_column=cfg.data.image_column,
+                              label_column=cfg.data.label_column)
+        if not info.labeled:
+            raise ConfigError(f"eval.stages: {cfg.eval.stages} need labels but data.source "
+                              f"{cfg.data.source} is unlabeled; set data.eval_source to a labeled "
+                              f"source or eval.stages=[]")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    out = {"method": {"name": cfg.method_name, **dataclass_to_dict(cfg.method)}}
+    for section in SECTIONS[1:]:
+        value = getattr(cfg, section)
+        if value is not None:
+            out[section] = dataclass_to_dict(value)
+    return out
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """`["train.epochs=3", "eval.stages=[knn]"]` applied to a copy of `d`; values parsed as YAML."""
+    d = copy.deepcopy(d)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.epochs=10")
+        node = d
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"--set {key}: {part} is a value, not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return d
+
+
+def read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return d or {}
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read, override, validate; also fix the run name so the resolved config names its run."""
+    cfg = from_dict(apply_overrides(read_yaml(path) if path else {}, list(overrides)))
+    if cfg.output.name is None:
+        cfg.output.name = f"{cfg.method_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

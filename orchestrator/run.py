@@ -1,0 +1,96 @@
+"""One experiment from a validated config: data -> pretraining -> evaluation stages -> summary.
+
+`run_experiment` is the whole chain; `selfsup run` calls it, and so does every sweep trial.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict
+from typing import Callable
+
+import ray
+
+from orchestrator.config import ExperimentConfig, dump_yaml
+from orchestrator.ray_env import init_ray
+from orchestrator.tracking import progress_line
+from orchestrator.train import TrainResult, fit, latest_checkpoint
+from pipelines import checkpoint as ckpt
+from pipelines.data import load_splits
+from pipelines.stages import STAGES, StageContext, run_stages
+
+
+def run_dir_of(cfg: ExperimentConfig) -> str:
+    root = cfg.cluster.storage_path or cfg.output.dir
+    return os.path.abspath(os.path.join(os.path.expanduser(root), cfg.output.name))
+
+
+def _print_progress(queue, stop: threading.Event, log: Callable[[str], None]) -> None:
+    while not stop.is_set():
+        try:
+            record = queue.get(timeout=0.5)
+        except Exception:  # queue.Empty, or the actor going away at shutdown
+            continue
+        log(progress_line(record))
+
+
+def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], None]) -> TrainResult:
+    previous = latest_checkpoint(run_dir)
+    if previous:
+        meta = ckpt.read_meta(previous)
+        if meta["epoch"] + 1 >= cfg.train.epochs:
+            log(f"{cfg.output.name} already trained {meta['epoch'] + 1} epochs; evaluating it")
+            return TrainResult(previous, meta["epoch"] + 1, meta["step"], float("nan"), 0.0, 0.0,
+                               meta["step"])
+        log(f"resuming {cfg.output.name} from epoch {meta['epoch'] + 1}, step {meta['step']}")
+    from ray.util.queue import Queue
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+    printer = threading.Thread(target=_print_progress, args=(queue, stop, log), daemon=True)
+    printer.start()
+    try:
+        return fit(cfg, splits, run_dir, progress=queue)
+    finally:
+        time.sleep(0.6)  # let the last epoch's line through
+        stop.set()
+        printer.join(timeout=2)
+        ray.kill(queue.actor)
+
+
+def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
+    """Train and evaluate; write config.yaml, summary.json, tensorboard/, checkpoints/, stages/."""
+    run_dir = run_dir_of(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_yaml(cfg))
+    init_ray(cfg.cluster, verbose)
+    need_labels = any(STAGES[s].needs_labels for s in cfg.eval.stages)
+    splits = load_splits(cfg.data, need_labels)
+    log(f"data: {cfg.data.source}, {splits.counts}")
+    if splits.skipped:
+        log(f"skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[:3]}")
+    train = _train(cfg, splits, run_dir, log)
+    summary = {"run": cfg.output.name, "run_dir": run_dir, "method": cfg.method_name,
+               "train": {**asdict(train), "skipped_images": len(splits.skipped),
+                         "skipped": splits.skipped[:100], "data": splits.counts},
+               "eval": {}}
+    if cfg.eval.stages:
+        ctx = StageContext(run_dir=run_dir, checkpoint=train.checkpoint, splits=splits,
+                           cfg=cfg.eval, seed=cfg.data.seed)
+        summary["eval"] = run_stages(ctx, log=log)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    _log_eval_to_tensorboard(run_dir, summary["eval"], train.steps)
+    return summary
+
+
+def _log_eval_to_tensorboard(run_dir: str, results: dict, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(os.path.join(run_dir, "tensorboard")) as w:
+        for stage, metrics in results.items():
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "seconds":
+                    w.add_scalar(f"eval/{stage}/{k}", v, step)

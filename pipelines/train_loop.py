@@ -1,0 +1,140 @@
+"""The plain training loop: any registered method, any iterable of view batches, no Ray.
+
+Ray Train workers call `train_epoch` on their dataset shard; unit tests and the overhead benchmark
+call `fit_plain` on in-memory images. Nothing here knows which method it trains.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from methods.config import param
+from pipelines.optim import lr_at, make_optimizer, set_lr
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = param(30, ge=1, help="passes over the pretraining images")
+    batch_size: int = param(256, ge=2, tunable=True, help="global batch size (all workers)")
+    optimizer: str = param("lars", choices=("sgd", "lars", "adamw"))
+    lr: float = param(0.3, gt=0, tunable=True, help="base lr for batch 256 (scaled linearly)")
+    lr_scaling: str = param("linear", choices=("linear", "none"),
+                            help="linear: lr * batch_size / 256 (Goyal et al. 2017)")
+    weight_decay: float = param(1e-6, ge=0, tunable=True)
+    momentum: float = param(0.9, ge=0, lt=1, help="SGD/LARS momentum, AdamW beta1")
+    warmup_epochs: float = param(1.0, ge=0)
+    final_lr_ratio: float = param(0.0, ge=0, le=1, help="cosine decays to this fraction of lr")
+    grad_clip: float | None = param(None, gt=0, help="max gradient norm (None: no clipping)")
+    precision: str = param("fp32", choices=("fp32", "bf16"), help="bf16 autocast")
+    seed: int = param(0)
+    num_workers: int = param(1, ge=1, help="Ray Train workers (data-parallel replicas)")
+    use_gpu: bool = param(False)
+    cpus_per_worker: float = param(0.0, ge=0, help="0: leave a CPU for Ray Data, give workers the rest")
+    torch_threads: int = param(0, ge=0, help="intra-op threads per worker; 0: CPUs on the node / workers")
+    sync_batchnorm: bool = param(False, help="SyncBatchNorm across workers (global BN)")
+    checkpoint_every: int = param(5, ge=1, help="epochs between checkpoints (the last is always saved)")
+    keep_checkpoints: int = param(2, ge=1)
+    max_failures: int = param(0, ge=-1, help="worker-group restarts from the last checkpoint")
+    controller_failure_limit: int = param(3, ge=0, help="retries of a worker group that cannot start")
+    log_every: int = param(10, ge=1, help="steps between TensorBoard scalars")
+    shuffle_buffer: int = param(1024, ge=0, help="rows in each worker's local shuffle buffer")
+
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    steps: int
+    images: int
+    seconds: float
+    metrics: dict
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return make_optimizer(model, cfg.optimizer, cfg.scaled_lr(), cfg.weight_decay, cfg.momentum)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
+                cfg: TrainConfig, *, step: int, total_steps: int, steps_per_epoch: int,
+                device: torch.device, on_step_end: Callable[[int, float, dict], None] | None = None
+                ) -> EpochStats:
+    """One pass over `batches` (at most `steps_per_epoch`); `step` is the global step at entry."""
+    method = unwrap(model)
+    model.train()
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    losses, sums, n_images, n_steps = [], {}, 0, 0
+    start = time.perf_counter()
+    for batch in batches:
+        if n_steps == steps_per_epoch:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        lr = lr_at(step, total_steps, warmup, cfg.scaled_lr(), cfg.final_lr_ratio)
+        set_lr(optimizer, lr)
+        with _autocast(device, cfg.precision):
+            loss, metrics = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        method.on_step(step, total_steps)
+        step, n_steps = step + 1, n_steps + 1
+        value = float(loss.detach())
+        losses.append(value)
+        n_images += next(iter(batch.values())).shape[0]
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if on_step_end is not None:
+            on_step_end(step, lr, {"loss": value, **{k: float(v) for k, v in metrics.items()}})
+    seconds = time.perf_counter() - start
+    mean = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    return EpochStats(float(np.mean(losses)) if losses else float("nan"), n_steps, n_images,
+                      seconds, mean)
+
+
+def iterate_views(images: np.ndarray, views: Callable, batch_size: int,
+                  generator: torch.Generator) -> Iterable[dict]:
+    """In-process stand-in for the Ray Data view pipeline: shuffled batches of fresh views."""
+    order = torch.randperm(len(images), generator=generator).numpy()
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[order[i:i + batch_size]]))
+        yield views(chunk.permute(0, 3, 1, 2).contiguous(), generator)
+
+
+def fit_plain(model: nn.Module, views: Callable, images: np.ndarray, cfg: TrainConfig,
+              device: torch.device | None = None) -> list[EpochStats]:
+    """Train `model` on uint8 images (N, H, W, 3) in this process, no Ray: tests and benchmarks."""
+    device = device or torch.device("cpu")
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = len(images) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    g = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(cfg.epochs):
+        history.append(train_epoch(model, optimizer, iterate_views(images, views, cfg.batch_size, g),
+                                   cfg, step=epoch * steps_per_epoch, total_steps=total,
+                                   steps_per_epoch=steps_per_epoch, device=device))
+    return history

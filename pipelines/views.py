@@ -1,0 +1,34 @@
+"""The method's views as a Ray Data stage: decoded images in, augmented views out.
+
+Runs after the decoded cache, so every epoch re-executes it and draws new augmentations; each task
+seeds its own generator from the OS (methods/views.py explains why).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+
+from methods.views import new_generator
+
+
+class ViewsUDF:
+    """{"image": uint8 (n, S, S, 3), ...} -> the method's views as NumPy arrays (n, ...)."""
+
+    def __init__(self, views: Callable):
+        self.views = views
+
+    def __call__(self, batch: dict) -> dict:
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))  # (n, S, S, 3), a copy
+        with torch.no_grad():
+            out = self.views(images.permute(0, 3, 1, 2).contiguous(), new_generator())
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def view_dataset(images: ray.data.Dataset, views: Callable, batch_size: int,
+                 remote_args: dict | None = None) -> ray.data.Dataset:
+    """`images` (the decoded cache) -> a lazily executed dataset of views, reshuffled by block."""
+    return images.randomize_block_order().map_batches(
+        ViewsUDF(views), batch_size=batch_size, zero_copy_batch=True, **(remote_args or {}))

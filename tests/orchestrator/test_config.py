@@ -1,0 +1,119 @@
+"""Bad configs fail before Ray starts, naming the key and what would be valid."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import methods
+from methods.config import ConfigError
+from orchestrator.cli import main
+from orchestrator.config import apply_overrides, from_dict, load_config, to_dict
+
+BASE = {"method": {"name": "simclr"}}
+
+
+def cfg_with(*overrides):
+    return from_dict(apply_overrides(BASE, list(overrides)))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("method.temperature=0", ["method.temperature", "> 0"]),
+    ("method.temperature=-0.1", ["method.temperature", "> 0"]),
+    ("train.batch_size=1", ["train.batch_size", ">= 2"]),
+    ("train.epochs=0", ["train.epochs", ">= 1"]),
+    ("method.name=simclrr", ["method.name", "simclrr", "simclr"]),
+    ("backbone.name=resnet7", ["backbone.name", "resnet7", "resnet18", "resnet50"]),
+    ("train.optimizer=adam", ["train.optimizer", "adam", "sgd", "lars", "adamw"]),
+    ("train.epochs=ten", ["train.epochs", "expected int", "ten"]),
+    ("train.lr=[1]", ["train.lr", "expected float"]),
+    ("train.tempo=1", ["unknown key train.tempo", "epochs", "batch_size"]),
+    ("method.aug.flip=0.5", ["unknown key method.aug.flip", "flip_p"]),
+    ("eval.stages=[knn,svm]", ["eval.stages", "svm", "knn", "linear"]),
+    ("data.source=imagenet", ["data.source", "imagenet", "folder:PATH"]),
+    ("data.source=folder:/does/not/exist", ["data.source", "/does/not/exist", "does not exist"]),
+    ("data.test_fraction=1.5", ["data.test_fraction", "< 1"]),
+    ("method.aug.crop_scale=[0.9,0.2]", ["method.aug.crop_scale", "low <= high"]),
+    ("train.num_workers=3", ["train.batch_size", "not divisible", "num_workers"]),
+    ("nonsense.key=1", ["unknown section", "nonsense", "method", "train"]),
+])
+def test_bad_value_names_key_and_choices(override, words):
+    with pytest.raises(ConfigError) as e:
+        cfg_with(override)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_missing_method_name_lists_methods():
+    with pytest.raises(ConfigError, match="method.name: missing; registered methods: .*simclr"):
+        from_dict({"train": {"epochs": 1}})
+
+
+def test_overrides_parse_yaml_values():
+    cfg = cfg_with("eval.stages=[knn]", "train.lr=0.05", "train.epochs=3", "method.aug.flip_p=0",
+                   "cluster.address=null")
+    assert cfg.eval.stages == ["knn"] and cfg.train.lr == 0.05 and cfg.train.epochs == 3
+    assert cfg.method.aug.flip_p == 0.0 and cfg.cluster.address is None
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        apply_overrides(BASE, ["train.epochs"])
+
+
+def test_round_trip_and_default_name(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": "simclr", "temperature": 0.2}}))
+    cfg = load_config(str(path), ["train.epochs=2"])
+    assert cfg.output.name.startswith("simclr-") and cfg.output.dir == "outputs"
+    again = from_dict(to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg) and again.method.temperature == 0.2
+
+
+def test_unlabeled_source_with_label_stages_fails_early(tmp_path):
+    from PIL import Image
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(ConfigError, match="eval.stages.*unlabeled.*data.eval_source"):
+        cfg_with(f"data.source=folder:{tmp_path}")
+    assert cfg_with(f"data.source=folder:{tmp_path}", "eval.stages=[]").eval.stages == []
+
+
+def test_every_shipped_config_is_valid():
+    import glob
+    paths = [p for p in glob.glob("configs/*.yaml")]
+    assert paths
+    for p in paths:
+        load_config(p)
+
+
+def test_cli_config_error_exit_code(capsys):
+    assert main(["run", "configs/simclr.yaml", "--set", "method.temperature=0",
+                 "--print-config"]) == 2
+    assert "method.temperature" in capsys.readouterr().err
+
+
+def test_cli_print_config_shows_overrides(capsys):
+    assert main(["run", "configs/simclr.yaml", "--set", "train.epochs=7", "--name", "x",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 7 and printed["output"]["name"] == "x"
+    assert printed["method"]["name"] == "simclr"
+
+
+def test_cli_methods_lists_every_method_first_on_its_line():
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "methods"], check=True,
+                         capture_output=True, text=True).stdout
+    names = [line.split("\t")[0] for line in out.splitlines()]
+    assert names == sorted(methods.METHODS)
+    assert "temperature=0.5" in out.splitlines()[names.index("simclr")]
+
+
+def test_config_errors_do_not_start_ray():
+    import ray
+    was = ray.is_initialized()
+    with pytest.raises(ConfigError):
+        cfg_with("train.epochs=0")
+    assert ray.is_initialized() == was
