@@ -7,8 +7,10 @@ restores it through `ray.train.get_checkpoint()`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -53,14 +55,24 @@ def _first_batch_tap(batches, fn):
         yield batch
 
 
-def _restore(model, optimizer, device) -> tuple[int, int]:
-    """(step, first epoch to run) from Train's latest checkpoint, or (0, 0) for a fresh run."""
+def _restore(model, optimizer, device, candidates: list[str]) -> tuple[int, int]:
+    """(step, first epoch to run) from the newest checkpoint, or (0, 0) for a fresh run.
+
+    Ray restores the checkpoints its controller registered; a run killed between a checkpoint's
+    upload and its registration leaves a newer complete directory that only `candidates` (the
+    driver's scan of the run folder) knows about, so the newer of the two wins.
+    """
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, 0
-    with checkpoint.as_directory() as d:
-        step, epoch = ckpt.load_train_state(d, model, optimizer, map_location=device)
-    return step, epoch + 1
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as ray_dir:
+        dirs = sorted(([ray_dir] if ray_dir else []) + list(candidates),
+                      key=lambda d: ckpt.read_meta(d)["step"], reverse=True)
+        for d in dirs:
+            try:
+                step, epoch = ckpt.load_train_state(d, model, optimizer, map_location=device)
+            except (OSError, RuntimeError, KeyError, EOFError):
+                continue  # a partly written checkpoint: try the next older one
+            return step, epoch + 1
+    return 0, 0
 
 
 def _report(record: dict, save: bool, model, optimizer, info: dict) -> None:
@@ -87,7 +99,7 @@ def worker_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = build_optimizer(model, t)
-    step, start_epoch = _restore(model, optimizer, device)
+    step, start_epoch = _restore(model, optimizer, device, config["resume_candidates"])
     steps_per_epoch, total = config["steps_per_epoch"], config["steps_per_epoch"] * t.epochs
     shard = ray.train.get_dataset_shard("train")
     log = RunLogger(run_dir, purge_step=step or None) if rank == 0 else None
@@ -165,6 +177,7 @@ def fit(cfg: ExperimentConfig, splits: Splits, run_dir: str, progress=None) -> T
         worker_loop,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir, "threads": threads,
                            "steps_per_epoch": steps_per_epoch, "build_info": build_info(cfg),
+                           "resume_candidates": checkpoint_candidates(run_dir),
                            "progress": progress},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -180,21 +193,50 @@ def fit(cfg: ExperimentConfig, splits: Splits, run_dir: str, progress=None) -> T
     previous = latest_checkpoint(run_dir)
     resumed_from = ckpt.read_meta(previous)["step"] if previous else 0
     start = time.time()
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer)
     wall = time.time() - start
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}/checkpoints")
     return _summarise(result.checkpoint.path, run_dir, wall, resumed_from)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint directory of a run (the one a restart resumes from)."""
+def _fit_interruptibly(trainer: TorchTrainer):
+    """`trainer.fit()` in a helper thread, so Ctrl-C reaches us as KeyboardInterrupt.
+
+    In the main thread Train installs its own SIGINT handler that aborts the run and exits the
+    process; here the CLI can say how to resume instead. The checkpoints already written stay.
+    """
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="selfsup-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def checkpoint_candidates(run_dir: str) -> list[str]:
+    """Complete checkpoint directories of a run, newest (highest step) first."""
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
-        return None
-    found = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint_")
-             and os.path.exists(os.path.join(root, d, ckpt.META))]
-    return max(found, key=lambda d: ckpt.read_meta(d)["step"], default=None)
+        return []
+    found = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint_")]
+    complete = [d for d in found if all(os.path.exists(os.path.join(d, f))
+                                        for f in (ckpt.MODEL, ckpt.TRAIN_STATE, ckpt.META))]
+    return sorted(complete, key=lambda d: ckpt.read_meta(d)["step"], reverse=True)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint directory of a run (the one a restart resumes from)."""
+    return next(iter(checkpoint_candidates(run_dir)), None)
 
 
 def _summarise(checkpoint_dir: str, run_dir: str, wall: float, resumed_from: int) -> TrainResult:
