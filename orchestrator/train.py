@@ -28,7 +28,7 @@ from orchestrator.tracking import RunLogger, read_records
 from pipelines import checkpoint as ckpt
 from pipelines.data import Splits
 from pipelines.online import online_eval
-from pipelines.train_loop import build_optimizer, train_epoch, unwrap
+from pipelines.train_loop import build_optimizer, prepare_module, train_epoch, unwrap
 from pipelines.views import view_dataset
 
 
@@ -100,15 +100,17 @@ def worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     optimizer = build_optimizer(model, t)
     step, start_epoch = _restore(model, optimizer, device, config["resume_candidates"])
+    model = prepare_module(model, t)
     steps_per_epoch, total = config["steps_per_epoch"], config["steps_per_epoch"] * t.epochs
     shard = ray.train.get_dataset_shard("train")
     log = RunLogger(run_dir, purge_step=step or None) if rank == 0 else None
-    on_step = (lambda s, lr, v: log.step(s, lr, v) if s % t.log_every == 0 else None) if log else None
+    on_step = log.step if log else None
     for epoch in range(start_epoch, t.epochs):
         start = time.time()
         batches = shard.iter_torch_batches(batch_size=t.batch_size // world, drop_last=True,
                                            local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                           device=device)
+                                           prefetch_batches=t.prefetch_batches,
+                                           pin_memory=device.type == "cuda", device=device)
         if log and epoch == start_epoch:
             batches = _first_batch_tap(batches, lambda b: log.images(step, unwrap(model).log_images(b)))
         stats = train_epoch(model, optimizer, batches, t, step=step, total_steps=total,

@@ -16,6 +16,7 @@ from torch import nn
 import methods
 from methods.backbones import BackboneConfig
 from methods.config import build
+from pipelines.train_loop import unwrap
 
 MODEL, TRAIN_STATE, META = "model.pt", "train_state.pt", "meta.json"
 
@@ -24,7 +25,7 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, *
          epoch: int, build_info: dict) -> None:
     """Write a checkpoint directory; `build_info` = {"method", "backbone", "image_size"}."""
     os.makedirs(path, exist_ok=True)
-    torch.save(getattr(model, "module", model).state_dict(), os.path.join(path, MODEL))
+    torch.save(unwrap(model).state_dict(), os.path.join(path, MODEL))
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
                    os.path.join(path, TRAIN_STATE))
@@ -61,7 +62,7 @@ def load_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimiz
                      map_location: str | torch.device = "cpu") -> tuple[int, int]:
     """Restore model and optimiser in place; return (step, epoch) of the checkpoint."""
     state = torch.load(os.path.join(path, MODEL), map_location=map_location, weights_only=True)
-    getattr(model, "module", model).load_state_dict(state)
+    unwrap(model).load_state_dict(state)
     train = torch.load(os.path.join(path, TRAIN_STATE), map_location=map_location,
                        weights_only=True)
     optimizer.load_state_dict(train["optimizer"])

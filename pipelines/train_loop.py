@@ -32,6 +32,9 @@ class TrainConfig:
     final_lr_ratio: float = param(0.0, ge=0, le=1, help="cosine decays to this fraction of lr")
     grad_clip: float | None = param(None, gt=0, help="max gradient norm (None: no clipping)")
     precision: str = param("fp32", choices=("fp32", "bf16"), help="bf16 autocast")
+    channels_last: bool = param(False, help="NHWC memory format (faster convolutions on GPUs)")
+    compile: bool = param(False, help="torch.compile the method (first steps are slow)")
+    prefetch_batches: int = param(2, ge=0, help="batches each worker prefetches (to the device)")
     seed: int = param(0)
     num_workers: int = param(1, ge=1, help="Ray Train workers (data-parallel replicas)")
     use_gpu: bool = param(False)
@@ -63,6 +66,8 @@ class EpochStats:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The method itself, under torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 
@@ -76,20 +81,42 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """Move a batch to `device` without blocking (pinned host memory makes this asynchronous)."""
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        if channels_last and v.dim() == 4:
+            v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def prepare_module(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Apply the memory-format and compile options to a (device-placed) method."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.compile else model
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
                 cfg: TrainConfig, *, step: int, total_steps: int, steps_per_epoch: int,
                 device: torch.device, on_step_end: Callable[[int, float, dict], None] | None = None
                 ) -> EpochStats:
-    """One pass over `batches` (at most `steps_per_epoch`); `step` is the global step at entry."""
+    """One pass over `batches` (at most `steps_per_epoch`); `step` is the global step at entry.
+
+    Losses and metrics accumulate on the device and are read back every `cfg.log_every` steps
+    (and at the end), so a GPU is not synchronised after every step.
+    """
     method = unwrap(model)
     model.train()
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    losses, sums, n_images, n_steps = [], {}, 0, 0
+    loss_sum, sums, n_images, n_steps = torch.zeros((), device=device), {}, 0, 0
     start = time.perf_counter()
     for batch in batches:
         if n_steps == steps_per_epoch:
             break
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device, cfg.channels_last)
         lr = lr_at(step, total_steps, warmup, cfg.scaled_lr(), cfg.final_lr_ratio)
         set_lr(optimizer, lr)
         with _autocast(device, cfg.precision):
@@ -101,17 +128,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         optimizer.step()
         method.on_step(step, total_steps)
         step, n_steps = step + 1, n_steps + 1
-        value = float(loss.detach())
-        losses.append(value)
+        loss_sum += loss.detach().float()
         n_images += next(iter(batch.values())).shape[0]
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if on_step_end is not None:
-            on_step_end(step, lr, {"loss": value, **{k: float(v) for k, v in metrics.items()}})
+            sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+        if on_step_end is not None and step % cfg.log_every == 0:
+            on_step_end(step, lr, {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}})
     seconds = time.perf_counter() - start
-    mean = {k: v / max(n_steps, 1) for k, v in sums.items()}
-    return EpochStats(float(np.mean(losses)) if losses else float("nan"), n_steps, n_images,
-                      seconds, mean)
+    n = max(n_steps, 1)
+    return EpochStats(float(loss_sum) / n if n_steps else float("nan"), n_steps, n_images, seconds,
+                      {k: float(v) / n for k, v in sums.items()})
 
 
 def iterate_views(images: np.ndarray, views: Callable, batch_size: int,
@@ -129,6 +155,7 @@ def fit_plain(model: nn.Module, views: Callable, images: np.ndarray, cfg: TrainC
     device = device or torch.device("cpu")
     model.to(device)
     optimizer = build_optimizer(model, cfg)
+    model = prepare_module(model, cfg)
     steps_per_epoch = len(images) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     g = torch.Generator().manual_seed(cfg.seed)
