@@ -38,9 +38,10 @@ def knn_top1(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nd
     return float((pred.numpy() == yte).mean())
 
 
-@register_stage("knn", requires=("embed",))
+@register_stage("knn", requires=("embed",), config=("knn",))
 def run(ctx: StageContext) -> dict:
-    train, test = ctx.outputs["embed"]["train"], ctx.outputs["embed"]["test"]
+    features = ctx.output("embed")
+    train, test = features["train"], features["test"]
     scores = {f"top1_k{k}": knn_top1(train, test, k, ctx.cfg.knn.temperature)
               for k in ctx.cfg.knn.k}
     return {"top1": scores[f"top1_k{ctx.cfg.knn.k[0]}"], **scores}

@@ -6,15 +6,21 @@ features with that rate and scored once on test (Kolesnikov, Zhai, Beyer 2019, a
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.stages.registry import LinearConfig, StageContext, register_stage
+from pipelines.stages.config import LinearConfig
+from pipelines.stages.registry import StageContext, register_stage
+
+PROBE = "probe.pt"
 
 
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(labels: np.ndarray, fraction: float,
+                       seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices), stratified by label and reproducible from `seed`."""
     rng = np.random.default_rng(seed)
     val = []
@@ -32,7 +38,9 @@ def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lr: float, cfg: L
     g = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
-    head = nn.Linear(x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * max(1, -(-len(x) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -77,10 +85,24 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
             "best_lr": best_lr}, model
 
 
-@register_stage("linear", requires=("embed",))
+def probe_from_state(state: dict) -> nn.Module:
+    """The standardise-then-linear probe rebuilt from its saved state_dict."""
+    num_classes, dim = state["1.weight"].shape
+    model = nn.Sequential(_Standardize(torch.zeros(dim), torch.ones(dim)),
+                          nn.Linear(dim, num_classes))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load(ctx: StageContext) -> nn.Module:
+    return probe_from_state(torch.load(os.path.join(ctx.stage_dir("linear"), PROBE),
+                                       weights_only=True))
+
+
+@register_stage("linear", requires=("embed",), config=("linear",), load=load)
 def run(ctx: StageContext) -> dict:
-    train, test = ctx.outputs["embed"]["train"], ctx.outputs["embed"]["test"]
-    metrics, model = linear_probe(train, test, ctx.cfg.linear, ctx.seed)
-    torch.save(model.state_dict(), f"{ctx.stage_dir('linear')}/probe.pt")
+    features = ctx.output("embed")
+    metrics, model = linear_probe(features["train"], features["test"], ctx.cfg.linear, ctx.seed)
+    torch.save(model.state_dict(), os.path.join(ctx.stage_dir("linear"), PROBE))
     ctx.outputs["linear"] = model
     return metrics
