@@ -19,6 +19,11 @@ from methods.config import ConfigError
 
 # Modules that add subcommands; one line each.
 COMMANDS: list[str] = [
+    "orchestrator.evaluate",
+    "orchestrator.report",
+    "orchestrator.cluster",
+    "orchestrator.jobs",
+    "orchestrator.sweep",
 ]
 
 

@@ -18,6 +18,8 @@ import yaml
 import methods
 from methods.backbones import BackboneConfig
 from methods.config import ConfigError, build, param, to_dict as dataclass_to_dict
+from orchestrator.search_space import SweepConfig, check_space
+from orchestrator.storage import check_storage_path
 from pipelines.data import DataConfig
 from pipelines.sources import inspect_source
 from pipelines.stages import STAGES, EvalConfig
@@ -30,9 +32,16 @@ class ClusterConfig:
                                            "None starts Ray in this process")
     num_cpus: int | None = param(None, ge=1, help="logical CPUs of an in-process Ray (None: all)")
     object_store_mb: int | None = param(None, ge=64, help="object store of an in-process Ray")
-    storage_path: str | None = param(None, help="where runs are written (path or URI); "
+    storage_path: str | None = param(None, help="where runs are written: a path, shared by "
+                                                "every node on a multi-machine cluster; "
                                                 "default output.dir")
     dashboard: bool = param(True, help="start the dashboard (127.0.0.1) with an in-process Ray")
+    shared_storage: bool | None = param(None, help="storage_path is mounted at the same place on "
+                                                   "every node (NFS, Lustre, a PVC); None: tell "
+                                                   "from its filesystem type")
+
+    def validate(self, prefix: str) -> None:
+        check_storage_path(self.storage_path, prefix)
 
 
 @dataclass
@@ -55,7 +64,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    sweep: dict | None = None
+    sweep: SweepConfig | None = None
 
 
 def from_dict(d: dict) -> ExperimentConfig:
@@ -80,9 +89,11 @@ def from_dict(d: dict) -> ExperimentConfig:
         eval=build(EvalConfig, d.get("eval"), "eval"),
         cluster=build(ClusterConfig, d.get("cluster"), "cluster"),
         output=build(OutputConfig, d.get("output"), "output"),
-        sweep=d.get("sweep"),
+        sweep=None if d.get("sweep") is None else build(SweepConfig, d["sweep"], "sweep"),
     )
     _check_across_sections(cfg)
+    if cfg.sweep is not None:
+        check_space(cfg.sweep, {k: v for k, v in d.items() if k != "sweep"}, from_dict)
     return cfg
 
 

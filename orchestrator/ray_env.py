@@ -1,16 +1,49 @@
-"""Starting or joining Ray, with Ray's own log noise out of the user's way unless --verbose."""
+"""Starting or joining Ray, with Ray's own log noise out of the user's way unless --verbose.
+
+Joining a cluster that uses token authentication (Ray 2.60's default for local clusters) needs
+`RAY_AUTH_MODE=token` in the client; Ray turns it on by itself only for `address="auto"`, so
+`use_token_auth` does it for every explicit address when a token is at hand. The token itself is
+read by Ray from `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`, never by selfsup.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import ray
 
 from orchestrator.config import ClusterConfig
+from orchestrator.storage import alive_hosts, check_shared
 
 # Train V2 is the default since Ray 2.51; the environment variable makes that explicit.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Runs, their workers and their datasets show in the dashboard's Train view (read by the driver).
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+
+
+def token_path() -> Path:
+    """The token file Ray reads: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (HOME honoured)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def token_available() -> bool:
+    path = token_path()
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (path.is_file() and path.stat().st_size > 0)
+
+
+def use_token_auth() -> None:
+    """Send the cluster token with every request of this process and of its children.
+
+    Ray caches the mode on first use, so the cached config is re-read (as Ray's own
+    `ray start` does); call it before `ray.init`. An explicit RAY_AUTH_MODE is respected.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+    Config.initialize("")
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -30,8 +63,13 @@ def init_ray(cluster: ClusterConfig, verbose: bool = False) -> None:
         return
     common = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
                   configure_logging=True)
-    if cluster.address:
-        ray.init(address=cluster.address, **common)
+    # A Ray job's driver gets its cluster in RAY_ADDRESS.
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if token_available():
+            use_token_auth()
+        ray.init(address=address, **common)
+        check_shared(cluster.storage_path, cluster.shared_storage, alive_hosts())
     else:
         ray.init(num_cpus=cluster.num_cpus,
                  object_store_memory=cluster.object_store_mb * 2**20 if cluster.object_store_mb else None,

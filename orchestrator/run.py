@@ -15,6 +15,7 @@ import ray
 
 from orchestrator.config import ExperimentConfig, dump_yaml
 from orchestrator.ray_env import init_ray
+from orchestrator.report import read_summary, write_report_logged
 from orchestrator.tracking import progress_line
 from orchestrator.train import TrainResult, fit, latest_checkpoint
 from pipelines import checkpoint as ckpt
@@ -36,7 +37,8 @@ def _print_progress(queue, stop: threading.Event, log: Callable[[str], None]) ->
         log(progress_line(record))
 
 
-def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], None]) -> TrainResult:
+def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], None],
+           callbacks: list | None = None) -> TrainResult:
     previous = latest_checkpoint(run_dir)
     if previous:
         meta = ckpt.read_meta(previous)
@@ -51,7 +53,7 @@ def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], Non
     printer = threading.Thread(target=_print_progress, args=(queue, stop, log), daemon=True)
     printer.start()
     try:
-        return fit(cfg, splits, run_dir, progress=queue)
+        return fit(cfg, splits, run_dir, progress=queue, callbacks=callbacks)
     finally:
         time.sleep(0.6)  # let the last epoch's line through
         stop.set()
@@ -60,8 +62,11 @@ def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], Non
 
 
 def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
-                   log: Callable[[str], None] = print) -> dict:
-    """Train and evaluate; write config.yaml, summary.json, tensorboard/, checkpoints/, stages/."""
+                   log: Callable[[str], None] = print, callbacks: list | None = None) -> dict:
+    """Train and evaluate; write config.yaml, summary.json, tensorboard/, checkpoints/, stages/.
+
+    `callbacks` go to the TorchTrainer's RunConfig (a sweep trial passes its Tune report).
+    """
     run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -72,19 +77,29 @@ def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
     log(f"data: {cfg.data.source}, {splits.counts}")
     if splits.skipped:
         log(f"skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[:3]}")
-    train = _train(cfg, splits, run_dir, log)
+    train = _train(cfg, splits, run_dir, log, callbacks)
     summary = {"run": cfg.output.name, "run_dir": run_dir, "method": cfg.method_name,
-               "train": {**asdict(train), "skipped_images": len(splits.skipped),
-                         "skipped": splits.skipped[:100], "data": splits.counts},
-               "eval": {}}
+               "train": _train_figures(run_dir, train, splits), "eval": {}}
     if cfg.eval.stages:
         ctx = StageContext(run_dir=run_dir, checkpoint=train.checkpoint, splits=splits,
-                           cfg=cfg.eval, seed=cfg.data.seed)
+                           cfg=cfg.eval, seed=cfg.data.seed, train=summary["train"])
         summary["eval"] = run_stages(ctx, log=log)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     _log_eval_to_tensorboard(run_dir, summary["eval"], train.steps)
+    write_report_logged(run_dir, log)
     return summary
+
+
+def _train_figures(run_dir: str, train: TrainResult, splits) -> dict:
+    """summary["train"]; a re-run that trained nothing keeps the figures of the run that did."""
+    figures = {**asdict(train), "skipped_images": len(splits.skipped),
+               "skipped": splits.skipped[:100], "data": splits.counts}
+    if train.resumed_from_step == train.steps:
+        previous = read_summary(run_dir).get("train", {})
+        if previous.get("steps") == train.steps:
+            figures = {**previous, "checkpoint": train.checkpoint}
+    return figures
 
 
 def _log_eval_to_tensorboard(run_dir: str, results: dict, step: int) -> None:

@@ -59,8 +59,8 @@ def _restore(model, optimizer, device, candidates: list[str]) -> tuple[int, int]
     """(step, first epoch to run) from the newest checkpoint, or (0, 0) for a fresh run.
 
     Ray restores the checkpoints its controller registered; a run killed between a checkpoint's
-    upload and its registration leaves a newer complete directory that only `candidates` (the
-    driver's scan of the run folder) knows about, so the newer of the two wins.
+    upload and its registration leaves a newer complete directory that only `candidates` (a scan
+    of the run folder as this worker group starts) knows about, so the newer of the two wins.
     """
     checkpoint = ray.train.get_checkpoint()
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as ray_dir:
@@ -99,7 +99,9 @@ def worker_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = build_optimizer(model, t)
-    step, start_epoch = _restore(model, optimizer, device, config["resume_candidates"])
+    # Scanned by the worker, not passed from the driver: a worker group that Train restarts
+    # within the run (a lost node) must also see checkpoints uploaded since fit() began.
+    step, start_epoch = _restore(model, optimizer, device, checkpoint_candidates(run_dir))
     model = prepare_module(model, t)
     steps_per_epoch, total = config["steps_per_epoch"], config["steps_per_epoch"] * t.epochs
     shard = ray.train.get_dataset_shard("train")
@@ -160,8 +162,12 @@ def worker_resources(cfg: ExperimentConfig) -> tuple[float, int]:
     return cpus, threads
 
 
-def fit(cfg: ExperimentConfig, splits: Splits, run_dir: str, progress=None) -> TrainResult:
-    """Pretrain `cfg`'s method on `splits.pretrain`; resumes if `run_dir` holds a checkpoint."""
+def fit(cfg: ExperimentConfig, splits: Splits, run_dir: str, progress=None,
+        callbacks: list | None = None) -> TrainResult:
+    """Pretrain `cfg`'s method on `splits.pretrain`; resumes if `run_dir` holds a checkpoint.
+
+    `callbacks` are Train `UserCallback`s, e.g. a sweep trial's report to Tune.
+    """
     t = cfg.train
     spec = methods.get(cfg.method_name)
     n = splits.counts["pretrain"]
@@ -179,13 +185,12 @@ def fit(cfg: ExperimentConfig, splits: Splits, run_dir: str, progress=None) -> T
         worker_loop,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir, "threads": threads,
                            "steps_per_epoch": steps_per_epoch, "build_info": build_info(cfg),
-                           "resume_candidates": checkpoint_candidates(run_dir),
                            "progress": progress},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name="checkpoints", storage_path=run_dir,
+            name="checkpoints", storage_path=run_dir, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=t.max_failures,
                                          controller_failure_limit=t.controller_failure_limit),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),

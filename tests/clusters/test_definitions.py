@@ -165,9 +165,11 @@ def test_rayjob_runs_selfsup_on_shared_storage_and_cleans_up():
     mounts = {m["name"]: m["mountPath"] for m in head_pod["containers"][0]["volumeMounts"]}
     mount = mounts["shared"]
     assert overrides["cluster.storage_path"].startswith(mount.rstrip("/") + "/")
+    assert overrides["cluster.shared_storage"] == "true"
     groups = job["rayClusterSpec"]["workerGroupSpecs"]
     advertised = {resource for group in groups for resource in group.get("resources", {})}
-    assert overrides["data.node_resource"] in advertised
+    asked = {key.split(".", 2)[2] for key in overrides if key.startswith("data.task_resources.")}
+    assert asked and asked <= advertised
     assert job["shutdownAfterJobFinishes"] is True
     assert job["ttlSecondsAfterFinished"] > 0 and job["activeDeadlineSeconds"] > 0
     assert isinstance(yaml.safe_load(job["runtimeEnvYAML"]), dict)
@@ -318,7 +320,8 @@ def test_sbatch_starts_head_then_workers_then_runs_selfsup_and_stops_ray(tmp_pat
         assert params["head"] or params["address"] == "10.1.2.3:6379"
     assert lines[run] == (
         f"selfsup run configs/simclr.yaml --address auto "
-        f"--set cluster.storage_path={env['SHARED']}/selfsup --set train.epochs=2"
+        f"--set cluster.storage_path={env['SHARED']}/selfsup --set cluster.shared_storage=true "
+        f"--set train.epochs=2"
     )
 
 
@@ -361,6 +364,26 @@ def test_dockerignore_keeps_credentials_and_venv_out():
     ignored = (CLUSTERS / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     for pattern in (".git", ".venv", "**/auth_token", "**/.ray"):
         assert pattern in ignored
+
+
+SET_OVERRIDE = re.compile(r"--set\s+([A-Za-z_][\w./-]*=(?:\"[^\"]*\"|[^\s\\`\"]*))")
+
+
+def test_every_set_override_in_the_definitions_is_a_valid_selfsup_config_key():
+    from orchestrator.config import apply_overrides, from_dict, read_yaml
+
+    base = read_yaml(str(ROOT / "configs" / "simclr.yaml"))
+    found = {}
+    for path in CLUSTERS.rglob("*"):
+        if path.is_file():
+            for override in SET_OVERRIDE.findall(path.read_text()):
+                found.setdefault(override, str(path.relative_to(ROOT)))
+    assert any(o.startswith("data.task_resources.") for o in found)
+    for override, where in found.items():
+        try:
+            from_dict(apply_overrides(base, [override]))
+        except ValueError as e:
+            pytest.fail(f"{where}: --set {override}: {e}")
 
 
 def test_every_definition_folder_has_a_readme():
