@@ -78,7 +78,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(out) if origin is tuple else out
     elif origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+            return {_coerce(k, key_tp, f"{key}.{k}"): _coerce(v, value_tp, f"{key}.{k}")
+                    for k, v in value.items()}
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="pretrain a method and run its evaluation stages")
     add_config_args(run)
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--force", action="store_true",
+                     help="re-run evaluation stages even when their inputs did not change")
     run.set_defaults(handler=cmd_run)
     sub.add_parser("methods", help="list registered methods and their tunable hyperparameters"
                    ).set_defaults(handler=cmd_methods)
@@ -78,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.run import run_experiment
     start = time.time()
-    summary = run_experiment(cfg, verbose=args.verbose, log=lambda s: print(s, flush=True))
+    summary = run_experiment(cfg, verbose=args.verbose, log=lambda s: print(s, flush=True),
+                             force=args.force)
     _print_summary(summary, time.time() - start)
     return 0
 

@@ -98,6 +98,9 @@ def from_dict(d: dict) -> ExperimentConfig:
 
 
 def _check_across_sections(cfg: ExperimentConfig) -> None:
+    # Building the views checks the geometry that depends on the image size (patch grids,
+    # tiles, crops) now rather than in the first Ray Data task.
+    methods.get(cfg.method_name).views(cfg.method, cfg.data.image_size)
     t = cfg.train
     if t.batch_size % t.num_workers:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by train.num_workers "

@@ -62,10 +62,12 @@ def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], Non
 
 
 def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
-                   log: Callable[[str], None] = print, callbacks: list | None = None) -> dict:
+                   log: Callable[[str], None] = print, callbacks: list | None = None,
+                   force: bool = False) -> dict:
     """Train and evaluate; write config.yaml, summary.json, tensorboard/, checkpoints/, stages/.
 
-    `callbacks` go to the TorchTrainer's RunConfig (a sweep trial passes its Tune report).
+    `callbacks` go to the TorchTrainer's RunConfig (a sweep trial passes its Tune report);
+    `force` re-runs evaluation stages whose inputs did not change.
     """
     run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
@@ -83,7 +85,7 @@ def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
     if cfg.eval.stages:
         ctx = StageContext(run_dir=run_dir, checkpoint=train.checkpoint, splits=splits,
                            cfg=cfg.eval, seed=cfg.data.seed, train=summary["train"])
-        summary["eval"] = run_stages(ctx, log=log)
+        summary["eval"] = run_stages(ctx, log=log, force=force)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     _log_eval_to_tensorboard(run_dir, summary["eval"], train.steps)
