@@ -1,0 +1,1 @@
+"""`make bench`: throughput, overhead, memory and GPU-readiness benchmarks writing results/*.json."""
