@@ -6,7 +6,9 @@ neighbouring tiles do not share edges), the tiles are shuffled by one of N fixed
 tile goes through the same encoder (the paper's "context-free network"), and an MLP on the
 concatenated tile features names the permutation's index. Each tile is standardised to zero mean
 and unit standard deviation on its own, as the paper does, so low-level statistics shared by
-neighbouring tiles are no shortcut; `embed` standardises the whole image the same way.
+neighbouring tiles are no shortcut. `embed` reads the encoder the way it was trained: on the
+unshuffled image's centred grid of tiles, their features concatenated in cell order (what the
+context-free network's classifier sees for the identity permutation).
 
 The permutation set follows the paper's Algorithm 1: start from a random permutation, then
 repeatedly add the remaining permutation with the largest summed Hamming distance to those already
@@ -24,7 +26,8 @@ from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import param
 from methods.heads import mlp
-from methods.patches import GRID, check_grid, crop_patches, sample_grid
+from methods.patches import (GRID, cell_offsets, check_grid, crop_patches, grid_extent,
+                             sample_grid)
 from methods.registry import register
 
 TILES = GRID * GRID  # 9
@@ -115,7 +118,7 @@ class Jigsaw(SSLMethod):
     def __init__(self, cfg: JigsawConfig, backbone: BackboneConfig, image_size: int):
         super().__init__()
         check_grid(image_size, cfg.tile_size, cfg.gap, cfg.jitter)
-        self.tile_norm = cfg.tile_norm
+        self.tile_norm, self.tile_size, self.gap = cfg.tile_norm, cfg.tile_size, cfg.gap
         self.backbone, dim = build_backbone(backbone, image_size)
         self.head = mlp(TILES * dim, cfg.head_hidden_dim, cfg.num_permutations, num_layers=2)
 
@@ -140,7 +143,15 @@ class Jigsaw(SSLMethod):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self._input(images))  # (B, D)
+        """The context-free network's concatenated tile features of the unshuffled image:
+        (B, 9 * D). The encoder only ever saw tiles (and its BatchNorm statistics are tile
+        statistics), so it is read on the image's centred 3x3 grid of tiles, in cell order."""
+        size = images.shape[-1]
+        origin = (size - grid_extent(self.tile_size, self.gap)) // 2
+        corners = (origin + cell_offsets(self.tile_size, self.gap)).expand(images.shape[0], -1, -1)
+        tiles = crop_patches(images, corners, self.tile_size)  # (B, 9, 3, t, t)
+        features = self.backbone(self._input(tiles.flatten(0, 1)))  # (9B, D)
+        return features.view(images.shape[0], -1)  # (B, 9 * D)
 
     def log_images(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = min(4, batch["tiles"].shape[0])

@@ -155,8 +155,10 @@ def test_embed_pretext_metrics_and_pictures(request, images):
     model, views, _ = _make(name)
     model.eval()
     features = model.embed(images)
-    # 8w features: the backbone's, or split-brain's two half-width (4w + 4w) halves
-    assert features.shape == (BATCH, 8 * BACKBONE.width) and torch.isfinite(features).all()
+    # 8w features: the backbone's, or split-brain's two half-width (4w + 4w) halves; jigsaw's
+    # are the nine tiles' features side by side
+    width = 8 * BACKBONE.width * (9 if name == "jigsaw" else 1)
+    assert features.shape == (BATCH, width) and torch.isfinite(features).all()
     batch = _views(views, images)
     scores = model.pretext_metrics(batch)
     assert set(scores) == PRETEXT_KEYS[name]
@@ -249,6 +251,24 @@ def test_jigsaw_permutation_index_reassembles_the_puzzle(images):
             assert torch.equal(solved[cell], _crop(images[b], corners[b, cell], cfg.tile_size))
         rows, cols = corners[b, :, 0].view(3, 3), corners[b, :, 1].view(3, 3)
         assert (rows[1:] > rows[:-1]).all() and (cols[:, 1:] > cols[:, :-1]).all()
+
+
+@pytest.mark.parametrize("images", ["jigsaw"], indirect=True)
+def test_jigsaw_embeds_the_tiles_of_the_unshuffled_centred_grid(images):
+    model, _, cfg = _make("jigsaw")
+    model.eval()
+    features = model.embed(images)  # (B, 9 * D)
+    extent = 3 * cfg.tile_size + 2 * cfg.gap
+    origin = (images.shape[-1] - extent) // 2
+    step = cfg.tile_size + cfg.gap
+    with torch.no_grad():
+        for cell in (0, 4, 8):  # top-left, centre, bottom-right tile of every image
+            r, c = origin + step * (cell // 3), origin + step * (cell % 3)
+            tile = images[:, :, r:r + cfg.tile_size, c:c + cfg.tile_size]
+            expected = model.backbone(model._input(tile))  # (B, D)
+            dim = expected.shape[1]
+            torch.testing.assert_close(features[:, cell * dim:(cell + 1) * dim], expected)
+    assert features.shape == (BATCH, 9 * dim)
 
 
 def test_jigsaw_permutation_set_is_the_greedy_maximal_hamming_set():
