@@ -50,7 +50,7 @@ def _summary(run_dir: Path) -> dict:
 
 def _pretext(eval_results: dict) -> dict:
     return {k: v for k, v in eval_results.get("pretext", {}).items()
-            if isinstance(v, (int, float)) and k not in ("seconds", "images")}
+            if isinstance(v, (int, float)) and k not in ("seconds", "images", "n_images")}
 
 
 def measure(method: str) -> dict:
@@ -97,6 +97,7 @@ def render(results: dict) -> str:
             f"{'yes' if r['linear'] > base['linear'] else '**no**'} | "
             f"{r['run_seconds'] / 60:.1f} |")
     loads = [max(r["load_before"][0], r["load_after"][0]) for r in rows]
+    dates = sorted(r["measured"][:10] for r in rows)
     m = results.get("machine", {})
     return "\n".join([
         "Every shipped config, `selfsup run configs/<method>.yaml` as it is, on the test split of "
@@ -106,7 +107,9 @@ def render(results: dict) -> str:
         "`python -m benchmarks.methods_table`.", "", *lines, "",
         BASELINES, "",
         f"<sub>{m.get('cpu_count', '?')} x {m.get('cpu_model', '?')}; torch {m.get('torch', '?')}, "
-        f"Ray {m.get('ray', '?')}; highest 1-minute load average seen: "
+        f"Ray {m.get('ray', '?')}; rows measured {dates[0] if dates else '?'} to "
+        f"{dates[-1] if dates else '?'} (each row's date and load are in "
+        f"benchmarks/results/methods.json); highest 1-minute load average seen: "
         f"{max(loads) if loads else float('nan'):.1f}.</sub>", ""])
 
 
