@@ -26,8 +26,7 @@ from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import param
 from methods.heads import mlp
-from methods.patches import (GRID, cell_offsets, check_grid, crop_patches, grid_extent,
-                             sample_grid)
+from methods.patches import GRID, centred_grid, check_grid, crop_patches, sample_grid
 from methods.registry import register
 
 TILES = GRID * GRID  # 9
@@ -146,9 +145,7 @@ class Jigsaw(SSLMethod):
         """The context-free network's concatenated tile features of the unshuffled image:
         (B, 9 * D). The encoder only ever saw tiles (and its BatchNorm statistics are tile
         statistics), so it is read on the image's centred 3x3 grid of tiles, in cell order."""
-        size = images.shape[-1]
-        origin = (size - grid_extent(self.tile_size, self.gap)) // 2
-        corners = (origin + cell_offsets(self.tile_size, self.gap)).expand(images.shape[0], -1, -1)
+        corners = centred_grid(images.shape[0], images.shape[-1], self.tile_size, self.gap)
         tiles = crop_patches(images, corners, self.tile_size)  # (B, 9, 3, t, t)
         features = self.backbone(self._input(tiles.flatten(0, 1)))  # (9B, D)
         return features.view(images.shape[0], -1)  # (B, 9 * D)

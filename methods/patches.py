@@ -59,6 +59,13 @@ def sample_grid(batch: int, image_size: int, patch: int, gap: int, jitter: int, 
     return origin + cell_offsets(patch, gap) + shifts  # (B, 9, 2)
 
 
+def centred_grid(batch: int, image_size: int, patch: int, gap: int) -> Tensor:
+    """Top-left corners (B, 9, 2) long of the unjittered 3x3 grid centred in the image."""
+    check_grid(image_size, patch, gap, 0)
+    origin = (image_size - grid_extent(patch, gap)) // 2
+    return (origin + cell_offsets(patch, gap)).expand(batch, -1, -1)  # (B, 9, 2)
+
+
 def crop_patches(images: Tensor, corners: Tensor, size: int) -> Tensor:
     """images (B, C, H, W), corners (B, K, 2) (row, column) -> patches (B, K, C, size, size)."""
     corners = corners.to(images.device)
