@@ -50,7 +50,7 @@ def _summary(run_dir: Path) -> dict:
 
 def _pretext(eval_results: dict) -> dict:
     return {k: v for k, v in eval_results.get("pretext", {}).items()
-            if isinstance(v, (int, float)) and k not in ("seconds", "images", "n_images")}
+            if isinstance(v, (int, float)) and k not in ("seconds", "n_images")}
 
 
 def measure(method: str) -> dict:
