@@ -48,7 +48,12 @@ def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], Non
                                meta["step"])
         log(f"resuming {cfg.output.name} from epoch {meta['epoch'] + 1}, step {meta['step']}")
     from ray.util.queue import Queue
-    queue = Queue(actor_options={"num_cpus": 0})
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    # on the driver's node: left to the scheduler it may land on a worker node, and when that node
+    # dies every restarted attempt fails on the dead queue instead of resuming
+    here = ray.get_runtime_context().get_node_id()
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
+                                 NodeAffinitySchedulingStrategy(here, soft=False)})
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, stop, log), daemon=True)
     printer.start()
