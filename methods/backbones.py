@@ -37,12 +37,16 @@ class BackboneConfig:
     small_stem: bool = param(True, help="3x3 stride-1 stem without max-pool, for images <= 64 px")
     width: int = param(32, ge=4, help="base channel width of resnet_small")
     patch_size: int = param(4, ge=1, help="ViT patch size in pixels")
+    depth: int = param(0, ge=0, help="ViT transformer blocks; 0 keeps the size's depth (DeiT: 12)")
     # Deeper/wider ViT settings live in the ViT builders; these two shape the token grid.
 
     def validate(self, prefix: str) -> None:
         if self.name not in BACKBONES:
             raise ConfigError(f"{prefix}.name: unknown backbone {self.name!r}; "
                               f"registered backbones: {', '.join(sorted(BACKBONES))}")
+        if self.depth and not self.name.startswith("vit_"):
+            raise ConfigError(f"{prefix}.depth: {self.depth} sets a ViT's block count, but "
+                              f"{prefix}.name is {self.name!r}; remove depth or pick a vit_* backbone")
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

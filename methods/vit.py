@@ -112,7 +112,7 @@ def _builder(name: str):
     dim, depth, heads = SIZES[name]
 
     def build(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
-        return ViT(image_size, cfg.patch_size, dim, depth, heads), dim
+        return ViT(image_size, cfg.patch_size, dim, cfg.depth or depth, heads), dim
 
     build.__name__ = name
     return build

@@ -27,6 +27,21 @@ def test_registered_sizes(name, dim, depth, heads):
     assert net.blocks[0].num_heads == heads
 
 
+def test_depth_overrides_the_size_and_zero_keeps_it():
+    shallow, dim = build_backbone(BackboneConfig(name="vit_tiny", patch_size=8, depth=4), 16)
+    assert len(shallow.blocks) == 4 and dim == 192 and shallow.blocks[0].num_heads == 3
+    default, _ = build_backbone(BackboneConfig(name="vit_tiny", patch_size=8, depth=0), 16)
+    assert len(default.blocks) == 12
+
+
+def test_negative_depth_is_a_config_error():
+    from methods.config import build
+    with pytest.raises(ConfigError, match="depth"):
+        build(BackboneConfig, {"name": "vit_tiny", "depth": -1}, "backbone")
+    with pytest.raises(ConfigError, match="backbone.depth: 4 .*resnet_small"):
+        build(BackboneConfig, {"name": "resnet_small", "depth": 4}, "backbone")
+
+
 def test_vit_base_is_registered_with_its_width():
     assert "vit_base" in BACKBONES
     from methods.vit import SIZES
