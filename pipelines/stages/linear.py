@@ -1,8 +1,9 @@
 """`linear`: a linear classifier on frozen, standardised features (the linear-probe protocol).
 
-The learning rate is chosen from a small grid on a stratified validation split carved from the
-training features — never on the test split — then the classifier is retrained on all training
-features with that rate and scored once on test (Kolesnikov, Zhai, Beyer 2019, arXiv:1901.09005).
+The learning rate and weight decay are chosen from a small grid by stratified k-fold
+cross-validation on the training features — never on the test split — then the classifier is
+retrained on all training features with that pair and scored once on test (Kolesnikov, Zhai, Beyer
+2019, arXiv:1901.09005). Ties in mean validation accuracy go to the lower validation loss.
 """
 from __future__ import annotations
 
@@ -32,8 +33,31 @@ def stratified_holdout(labels: np.ndarray, fraction: float,
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lr: float, cfg: LinearConfig,
-               seed: int) -> nn.Module:
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """`folds` disjoint validation index sets that together hold every index once; each class is
+    dealt round-robin across them (carrying on where the previous class stopped), reproducibly."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(folds)]
+    dealt = 0
+    for c in np.unique(labels):
+        for i in rng.permutation(np.flatnonzero(labels == c)):
+            parts[dealt % folds].append(int(i))
+            dealt += 1
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def validation_splits(labels: np.ndarray, cfg: LinearConfig,
+                      seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit indices, validation indices) pairs: k folds, or the one holdout when folds is 1."""
+    if cfg.folds == 1:
+        return [stratified_holdout(labels, cfg.val_fraction, seed)]
+    everything = np.arange(len(labels))
+    return [(np.setdiff1d(everything, val), val)
+            for val in stratified_folds(labels, cfg.folds, seed) if len(val)]
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lr: float, weight_decay: float,
+               cfg: LinearConfig, seed: int) -> nn.Module:
     """Standardise with the training statistics, then fit a linear layer with AdamW + cosine."""
     g = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -41,7 +65,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lr: float, cfg: L
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(x.shape[1], num_classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = cfg.epochs * max(1, -(-len(x) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     xs = (xt - mean) / std  # (N, D)
@@ -72,17 +96,30 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+def _val_scores(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on a validation split."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+        loss = F.cross_entropy(logits, torch.from_numpy(y))
+    return float((logits.argmax(1).numpy() == y).mean()), float(loss)
+
+
 def linear_probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                  cfg: LinearConfig, seed: int = 0) -> tuple[dict, nn.Module]:
     (xtr, ytr), (xte, yte) = train, test
     num_classes = int(max(ytr.max(), yte.max())) + 1
-    fit_idx, val_idx = stratified_holdout(ytr, cfg.val_fraction, seed)
-    val_scores = {lr: accuracy(fit_linear(xtr[fit_idx], ytr[fit_idx], num_classes, lr, cfg, seed),
-                               xtr[val_idx], ytr[val_idx]) for lr in cfg.lrs}
-    best_lr = max(cfg.lrs, key=lambda lr: (val_scores[lr], -cfg.lrs.index(lr)))
-    model = fit_linear(xtr, ytr, num_classes, best_lr, cfg, seed)
-    return {"top1": accuracy(model, xte, yte), "val_top1": val_scores[best_lr],
-            "best_lr": best_lr}, model
+    splits = validation_splits(ytr, cfg, seed)
+    grid = [(lr, wd) for lr in cfg.lrs for wd in cfg.weight_decays]
+    scores = {}  # (lr, wd) -> (mean validation accuracy, mean validation loss)
+    for lr, wd in grid:
+        per_split = [_val_scores(fit_linear(xtr[fit], ytr[fit], num_classes, lr, wd, cfg, seed),
+                                 xtr[val], ytr[val]) for fit, val in splits]
+        scores[lr, wd] = tuple(float(np.mean(v)) for v in zip(*per_split))
+    best = max(grid, key=lambda p: (scores[p][0], -scores[p][1]))
+    model = fit_linear(xtr, ytr, num_classes, *best, cfg, seed)
+    return {"top1": accuracy(model, xte, yte), "val_top1": scores[best][0],
+            "val_loss": scores[best][1], "best_lr": best[0], "best_weight_decay": best[1],
+            "folds": len(splits)}, model
 
 
 def probe_from_state(state: dict) -> nn.Module:

@@ -38,7 +38,7 @@ def _linear(ctx: StageContext, subset: np.ndarray) -> float:
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
     num_classes = int(max(ytr.max(), yte.max())) + 1
     probe = fit_linear(xtr[subset], ytr[subset], num_classes, ctx.cfg.lowshot.linear_lr,
-                       ctx.cfg.linear, ctx.seed)
+                       ctx.cfg.lowshot.linear_weight_decay, ctx.cfg.linear, ctx.seed)
     return accuracy(probe, xte, yte)
 
 

@@ -19,7 +19,8 @@ from pipelines.stages.corruptions import LEVELS, corrupt
 from pipelines.stages.efficiency import count_parameters, inference_throughput
 from pipelines.stages.finetune import accuracy as finetune_accuracy, finetune, trainable_features
 from pipelines.stages.knn import knn_predict, knn_top1
-from pipelines.stages.linear import linear_probe, probe_from_state
+from pipelines.stages.linear import (accuracy as probe_accuracy, fit_linear, linear_probe,
+                                     probe_from_state, stratified_folds, validation_splits)
 from pipelines.stages.lowshot import stratified_subset, tag
 from pipelines.stages.registry import Stage
 from pipelines.stages.robustness import robustness_metrics
@@ -89,10 +90,45 @@ SMALL_LINEAR = LinearConfig(epochs=10, lrs=[0.1, 0.01], batch_size=128, val_frac
 
 def test_linear_probe_is_perfect_on_separable_and_chance_on_random_features():
     metrics, _ = linear_probe(separable(30, 5, 8, 0), separable(20, 5, 8, 1), SMALL_LINEAR)
-    assert metrics["top1"] == 1.0 and metrics["val_top1"] == 1.0
+    assert metrics["top1"] == 1.0 and metrics["val_top1"] > 0.95 and metrics["folds"] == 5
     metrics, _ = linear_probe(random_features(400, 5, 16, 0), random_features(600, 5, 16, 1),
                               SMALL_LINEAR)
     assert abs(metrics["top1"] - 0.2) < 0.07
+
+
+def test_folds_hold_every_training_feature_once_with_classes_spread_evenly():
+    labels = np.repeat(np.arange(4), [23, 10, 7, 1])
+    folds = stratified_folds(labels, 5, seed=3)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(labels)))
+    for c in range(4):
+        counts = [int((labels[f] == c).sum()) for f in folds]
+        assert max(counts) - min(counts) <= 1, (c, counts)
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1  # 41 images: 9, 8, 8, 8, 8
+    again = stratified_folds(labels, 5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again))
+    for fit, val in validation_splits(labels, LinearConfig(folds=5), seed=3):
+        assert not set(fit) & set(val) and len(fit) + len(val) == len(labels)
+    (fit, val), = validation_splits(labels, LinearConfig(folds=1, val_fraction=0.2), seed=3)
+    assert len(val) == round(23 * 0.2) + round(10 * 0.2) + round(7 * 0.2)  # a class of 1 stays in fit
+
+
+def test_probe_picks_the_grid_point_with_the_best_cross_validated_accuracy():
+    x, y = random_features(120, 3, 6, 0)
+    x[:, 0] += y * 0.8  # weakly separable: the grid points score differently
+    cfg = LinearConfig(epochs=3, lrs=[0.5, 0.001], weight_decays=[0.0, 0.3], batch_size=64, folds=3)
+    metrics, _ = linear_probe((x, y), (x, y), cfg, seed=1)
+    naive = {}
+    for lr in cfg.lrs:
+        for wd in cfg.weight_decays:
+            accs = []
+            for fit, val in validation_splits(y, cfg, seed=1):
+                probe = fit_linear(x[fit], y[fit], 3, lr, wd, cfg, seed=1)
+                accs.append(probe_accuracy(probe, x[val], y[val]))
+            naive[lr, wd] = sum(accs) / len(accs)
+    best = max(naive.values())
+    assert metrics["val_top1"] == pytest.approx(best)
+    assert naive[metrics["best_lr"], metrics["best_weight_decay"]] == pytest.approx(best)
+    assert len(set(round(v, 6) for v in naive.values())) > 1  # the choice was not a tie of all
 
 
 def test_saved_probe_reloads_with_the_same_predictions():
