@@ -46,7 +46,8 @@ class BackboneConfig:
                               f"registered backbones: {', '.join(sorted(BACKBONES))}")
         if self.depth and not self.name.startswith("vit_"):
             raise ConfigError(f"{prefix}.depth: {self.depth} sets a ViT's block count, but "
-                              f"{prefix}.name is {self.name!r}; remove depth or pick a vit_* backbone")
+                              f"{prefix}.name is {self.name!r}; remove depth or pick a vit_* "
+                              f"backbone")
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -108,16 +108,19 @@ def dino_stats(teacher_out: list[torch.Tensor], center: torch.Tensor,
     """Collapse indicators of DINO's teacher (Caron et al., 2021, arXiv:2104.14294, section 5.3).
 
     teacher_entropy: mean entropy of the per-sample teacher distribution (0 when sharp; log K
-    when uniform). teacher_kl_uniform: KL(mean teacher distribution || uniform), near log K when
-    every sample lands on one dimension, near 0 when the batch uses all dimensions. Collapse to
-    uniform shows as entropy ~ log K with KL ~ 0; collapse to one dimension as both extremes.
+    when uniform); teacher_entropy_ratio: that entropy / log K, in [0, 1] whatever K is.
+    teacher_kl_uniform: KL(mean teacher distribution || uniform), near log K when every sample
+    lands on one dimension, near 0 when the batch uses all dimensions. Collapse to uniform shows as
+    entropy ~ log K with KL ~ 0; collapse to one dimension as both extremes.
     """
     probs = torch.cat(_teacher_probs(teacher_out, center, teacher_temp))  # (V_t * B, K)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
     mean_probs = probs.mean(dim=0)  # (K,)
     num_dims = mean_probs.shape[0]
     kl = (mean_probs * torch.log(mean_probs.clamp_min(1e-12) * num_dims)).sum()
-    return {"teacher_entropy": entropy.item(), "teacher_kl_uniform": kl.item()}
+    return {"teacher_entropy": entropy.item(),
+            "teacher_entropy_ratio": entropy.item() / math.log(num_dims),
+            "teacher_kl_uniform": kl.item()}
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

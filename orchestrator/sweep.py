@@ -32,7 +32,7 @@ from orchestrator.config import ExperimentConfig, dump_yaml, from_dict, to_dict
 from orchestrator.ray_env import init_ray
 from orchestrator.run import run_dir_of, run_experiment
 from orchestrator.search_space import Dimension, check_space, count_trials, set_dotted
-from orchestrator.sweep_results import (METRIC, collect_rows, format_leaderboard,
+from orchestrator.sweep_results import (METRIC, TEACHER_ENTROPY, collect_rows, format_leaderboard,
                                         is_collapsed, trial_status, write_outputs)
 from orchestrator.tracking import read_records
 from pipelines.sources import inspect_source
@@ -99,9 +99,11 @@ def trial_config(base: dict, values: dict, sweep_dir: str, trial_id: str,
 
 def tune_result(record: dict) -> dict:
     """A Train epoch record as the flat result Tune sees; only epochs with an online check
-    carry the kNN top-1 that ASHA, the collapse stopper and the ranking use."""
+    carry the kNN top-1 that ASHA, the collapse stopper and the ranking use. The method's own
+    epoch means come as `method/<name>` (DINO's teacher entropy is a collapse signal)."""
+    method = {f"method/{k}": v for k, v in record.get("metrics", {}).items()}
     return {"epochs_done": record["epoch"] + 1, "epochs": record["epochs"],
-            "loss": record["loss"], **record.get("online", {})}
+            "loss": record["loss"], **method, **record.get("online", {})}
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -196,9 +198,11 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if METRIC in result and not result.get("completed"):
+            teacher = (f"  teacher entropy/log K {result[TEACHER_ENTROPY]:.3f}"
+                       if TEACHER_ENTROPY in result else "")
             print(f"{self._label(trial)}  epoch {result.get('epochs_done')}/{result.get('epochs')}"
                   f"  {METRIC} {result.get(METRIC, float('nan')):.4f}  embed_std_ratio "
-                  f"{result.get('embed_std_ratio', float('nan')):.3f}", flush=True)
+                  f"{result.get('embed_std_ratio', float('nan')):.3f}{teacher}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}

@@ -3,7 +3,9 @@
 Trials are ranked on the online kNN top-1 (Wu et al., 2018, arXiv:1805.01978), never the loss,
 which is not comparable across temperatures, queue sizes or masking ratios. A trial is
 `collapsed` when its normalised embeddings lost their spread (SimSiam's per-dimension std, Chen &
-He, 2021, arXiv:2011.10566: `embed_std_ratio` ~1 healthy, ~0 collapsed) or its kNN is at chance.
+He, 2021, arXiv:2011.10566: `embed_std_ratio` ~1 healthy, ~0 collapsed), its kNN is at chance, or
+its method reports a uniform DINO teacher (entropy at log K, Caron et al., 2021, arXiv:2104.14294,
+section 5.3), which the embedding checks can miss: the backbone's features keep their spread.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from orchestrator.train import latest_checkpoint
 
 METRIC = "knn_top1"  # Tune's result key
 ONLINE, SPREAD = "online/knn_top1", "online/embed_std_ratio"  # their leaderboard columns
+TEACHER_ENTROPY = "method/teacher_entropy_ratio"  # DINO's teacher entropy / log K, Tune's key
+# Entropy / log K of a uniform teacher. A healthy run on the digits config peaked at 0.90; the
+# collapsed one sat at log K from its 30th step.
+UNIFORM_TEACHER = 0.99
 
 
 def _number(v) -> float | None:
@@ -26,10 +32,13 @@ def _number(v) -> float | None:
 
 
 def is_collapsed(result: dict, std_ratio: float, chance_top1: float | None) -> bool:
-    """Embedding spread below `std_ratio`, or kNN top-1 at or below `chance_top1`."""
+    """Embedding spread below `std_ratio`, kNN top-1 at or below `chance_top1`, or a uniform
+    teacher (a method metric; only DINO reports it)."""
     ratio, knn = _number(result.get("embed_std_ratio")), _number(result.get(METRIC))
+    entropy = _number(result.get(TEACHER_ENTROPY))
     return ((ratio is not None and ratio < std_ratio)
-            or (chance_top1 is not None and knn is not None and knn <= chance_top1))
+            or (chance_top1 is not None and knn is not None and knn <= chance_top1)
+            or (entropy is not None and entropy >= UNIFORM_TEACHER))
 
 
 def trial_status(tune_status: str, last: dict, std_ratio: float, chance_top1: float | None) -> str:

@@ -11,6 +11,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TINY = ["backbone.width=8", "data.image_size=16", "train.batch_size=128", "train.epochs=1",
         "train.warmup_epochs=0", "eval.linear.epochs=5", "eval.linear.lrs=[0.01]",
+        "eval.linear.weight_decays=[0.0]", "eval.linear.folds=2",
         "method.proj_hidden_dim=32", "method.proj_dim=16"]
 
 

@@ -197,11 +197,13 @@ def test_dino_stats_flags_both_collapses():
     uniform = [torch.zeros(4, k, dtype=torch.float64)] * 2
     stats = dino_stats(uniform, torch.zeros(k, dtype=torch.float64), 0.04)
     assert stats["teacher_entropy"] == pytest.approx(math.log(k))
+    assert stats["teacher_entropy_ratio"] == pytest.approx(1.0)
     assert stats["teacher_kl_uniform"] == pytest.approx(0.0, abs=1e-12)
 
     one_dim = [torch.zeros(4, k, dtype=torch.float64).index_fill(1, torch.tensor([2]), 5.0)] * 2
     stats = dino_stats(one_dim, torch.zeros(k, dtype=torch.float64), 0.04)
     assert stats["teacher_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert stats["teacher_entropy_ratio"] == pytest.approx(0.0, abs=1e-9)
     assert stats["teacher_kl_uniform"] == pytest.approx(math.log(k), rel=1e-9)
     # The centre removes the dominant dimension, so the teacher is uniform again.
     center = one_dim[0][0]

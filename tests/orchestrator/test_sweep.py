@@ -61,6 +61,11 @@ def test_gpu_trials_are_bounded_by_gpus(tmp_path):
     ({"knn_top1": 0.13, "embed_std_ratio": 0.4}, "early-stopped"),
     ({"knn_top1": float("nan"), "embed_std_ratio": 0.4}, "early-stopped"),
     ({"knn_top1": 0.9, "embed_std_ratio": 0.4, "completed": True}, "completed"),
+    # DINO's uniform teacher: the features keep their spread and kNN, the teacher says nothing
+    ({"knn_top1": 0.9, "embed_std_ratio": 0.4, "method/teacher_entropy_ratio": 0.999},
+     "collapsed"),
+    ({"knn_top1": 0.9, "embed_std_ratio": 0.4, "method/teacher_entropy_ratio": 0.90},
+     "early-stopped"),
 ])
 def test_status_of_a_terminated_trial(result, status):
     assert trial_status("TERMINATED", result, 0.05, 0.12) == status
@@ -94,9 +99,11 @@ def test_tune_result_flattens_the_online_check():
     record = {"epoch": 3, "epochs": 10, "loss": 4.2, "step": 40, "metrics": {"pos_sim": 0.5},
               "online": {"knn_top1": 0.8, "embed_std": 0.1, "embed_std_ratio": 0.9}}
     assert tune_result(record) == {"epochs_done": 4, "epochs": 10, "loss": 4.2, "knn_top1": 0.8,
-                                   "embed_std": 0.1, "embed_std_ratio": 0.9}
+                                   "embed_std": 0.1, "embed_std_ratio": 0.9,
+                                   "method/pos_sim": 0.5}
     del record["online"]  # an epoch between checks: progress only, nothing to rank on
-    assert tune_result(record) == {"epochs_done": 4, "epochs": 10, "loss": 4.2}
+    assert tune_result(record) == {"epochs_done": 4, "epochs": 10, "loss": 4.2,
+                                   "method/pos_sim": 0.5}
 
 
 def _fake_trial(sweep_dir, trial_id, status, last, temperature, eval_top1=None):

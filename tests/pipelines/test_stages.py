@@ -109,7 +109,7 @@ def test_folds_hold_every_training_feature_once_with_classes_spread_evenly():
     for fit, val in validation_splits(labels, LinearConfig(folds=5), seed=3):
         assert not set(fit) & set(val) and len(fit) + len(val) == len(labels)
     (fit, val), = validation_splits(labels, LinearConfig(folds=1, val_fraction=0.2), seed=3)
-    assert len(val) == round(23 * 0.2) + round(10 * 0.2) + round(7 * 0.2)  # a class of 1 stays in fit
+    assert len(val) == round(23 * 0.2) + round(10 * 0.2) + round(7 * 0.2)  # a lone image: fit
 
 
 def test_probe_picks_the_grid_point_with_the_best_cross_validated_accuracy():
