@@ -98,6 +98,8 @@ def render(results: dict) -> str:
             f"{r['run_seconds'] / 60:.1f} |")
     loads = [max(r["load_before"][0], r["load_after"][0]) for r in rows]
     dates = sorted(r["measured"][:10] for r in rows)
+    span = "?" if not dates else (f"on {dates[0]}" if dates[0] == dates[-1]
+                                  else f"{dates[0]} to {dates[-1]}")
     m = results.get("machine", {})
     return "\n".join([
         "Every shipped config, `selfsup run configs/<method>.yaml` as it is, on the test split of "
@@ -107,8 +109,7 @@ def render(results: dict) -> str:
         "`python -m benchmarks.methods_table`.", "", *lines, "",
         BASELINES, "",
         f"<sub>{m.get('cpu_count', '?')} x {m.get('cpu_model', '?')}; torch {m.get('torch', '?')}, "
-        f"Ray {m.get('ray', '?')}; rows measured {dates[0] if dates else '?'} to "
-        f"{dates[-1] if dates else '?'} (each row's date and load are in "
+        f"Ray {m.get('ray', '?')}; rows measured {span} (each row's date and load are in "
         f"benchmarks/results/methods.json); highest 1-minute load average seen: "
         f"{max(loads) if loads else float('nan'):.1f}.</sub>", ""])
 

@@ -7,8 +7,10 @@ tile goes through the same encoder (the paper's "context-free network"), and an 
 concatenated tile features names the permutation's index. Each tile is standardised to zero mean
 and unit standard deviation on its own, as the paper does, so low-level statistics shared by
 neighbouring tiles are no shortcut. `embed` reads the encoder the way it was trained: on the
-unshuffled image's centred grid of tiles, their features concatenated in cell order (what the
-context-free network's classifier sees for the identity permutation).
+unshuffled image's centred grid of tiles, their features averaged over the nine tiles by default
+(global average pooling over the grid, a D-wide feature like every other ResNet method's) or
+concatenated in cell order (what the context-free network's classifier sees for the identity
+permutation; 9 D wide, and on digits 2304 random-init dimensions already probe as well as pixels).
 
 The permutation set follows the paper's Algorithm 1: start from a random permutation, then
 repeatedly add the remaining permutation with the largest summed Hamming distance to those already
@@ -47,6 +49,9 @@ class JigsawConfig:
     tile_norm: bool = param(True, help="standardise each tile on its own (paper)")
     head_hidden_dim: int = param(1024, ge=1, help="hidden width of the permutation classifier "
                                  "(the paper's fc7 has 4096)")
+    embed_pool: str = param("mean", choices=("mean", "concat"),
+                            help="evaluation feature: the tiles' features averaged (D) or "
+                                 "concatenated in cell order (9 D)")
 
 
 def all_permutations(n: int) -> torch.Tensor:
@@ -118,6 +123,7 @@ class Jigsaw(SSLMethod):
         super().__init__()
         check_grid(image_size, cfg.tile_size, cfg.gap, cfg.jitter)
         self.tile_norm, self.tile_size, self.gap = cfg.tile_norm, cfg.tile_size, cfg.gap
+        self.embed_pool = cfg.embed_pool
         self.backbone, dim = build_backbone(backbone, image_size)
         self.head = mlp(TILES * dim, cfg.head_hidden_dim, cfg.num_permutations, num_layers=2)
 
@@ -142,13 +148,14 @@ class Jigsaw(SSLMethod):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The context-free network's concatenated tile features of the unshuffled image:
-        (B, 9 * D). The encoder only ever saw tiles (and its BatchNorm statistics are tile
-        statistics), so it is read on the image's centred 3x3 grid of tiles, in cell order."""
+        """The context-free network's tile features of the unshuffled image, averaged (B, D) or
+        concatenated in cell order (B, 9 * D). The encoder only ever saw tiles (and its BatchNorm
+        statistics are tile statistics), so it is read on the image's centred 3x3 grid of tiles."""
         corners = centred_grid(images.shape[0], images.shape[-1], self.tile_size, self.gap)
         tiles = crop_patches(images, corners, self.tile_size)  # (B, 9, 3, t, t)
         features = self.backbone(self._input(tiles.flatten(0, 1)))  # (9B, D)
-        return features.view(images.shape[0], -1)  # (B, 9 * D)
+        features = features.view(images.shape[0], 9, -1)  # (B, 9, D)
+        return features.mean(1) if self.embed_pool == "mean" else features.flatten(1)
 
     def log_images(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = min(4, batch["tiles"].shape[0])

@@ -25,8 +25,8 @@ PRETEXT_KEYS = {
     "colorization": {"ab_l2", "ab_l2_gray"}, "split_brain": {"ab_l2", "ab_l2_gray", "l_abs"},
 }
 NAMES = sorted(SETUP)
-# embed width: 8w, the backbone's (split-brain: two half-width 4w halves); jigsaw: nine tiles' 8w
-EMBED_WIDTH = {**{name: 8 * BACKBONE.width for name in NAMES}, "jigsaw": 9 * 8 * BACKBONE.width}
+# embed width: 8w, the backbone's (split-brain: two half-width 4w halves; jigsaw: the tiles' mean)
+EMBED_WIDTH = {name: 8 * BACKBONE.width for name in NAMES}
 
 
 def make(name: str, **extra):

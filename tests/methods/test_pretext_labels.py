@@ -103,20 +103,23 @@ def test_jigsaw_permutation_index_reassembles_the_puzzle(images):
 
 @pytest.mark.parametrize("images", ["jigsaw"], indirect=True)
 def test_jigsaw_embeds_the_tiles_of_the_unshuffled_centred_grid(images):
-    model, _, cfg = make("jigsaw")
+    model, _, cfg = make("jigsaw", embed_pool="concat")
     model.eval()
     features = model.embed(images)  # (B, 9 * D)
     extent = 3 * cfg.tile_size + 2 * cfg.gap
     origin = (images.shape[-1] - extent) // 2
     step = cfg.tile_size + cfg.gap
     with torch.no_grad():
-        for cell in (0, 4, 8):  # top-left, centre, bottom-right tile of every image
+        tiles = []
+        for cell in range(9):  # row-major cells of every image
             r, c = origin + step * (cell // 3), origin + step * (cell % 3)
             tile = images[:, :, r:r + cfg.tile_size, c:c + cfg.tile_size]
-            expected = model.backbone(model._input(tile))  # (B, D)
-            dim = expected.shape[1]
-            torch.testing.assert_close(features[:, cell * dim:(cell + 1) * dim], expected)
+            tiles.append(model.backbone(model._input(tile)))  # (B, D)
+            dim = tiles[-1].shape[1]
+            torch.testing.assert_close(features[:, cell * dim:(cell + 1) * dim], tiles[-1])
     assert features.shape == (BATCH, 9 * dim)
+    model.embed_pool = "mean"  # the default: the nine tiles' features averaged
+    torch.testing.assert_close(model.embed(images), torch.stack(tiles).mean(0))
 
 
 def test_jigsaw_permutation_set_is_the_greedy_maximal_hamming_set():
