@@ -157,6 +157,12 @@ def test_workers_spread_over_nodes_and_augmentation_stays_on_the_data_node(clust
     tasks = cluster.api("/api/v0/tasks?detail=1&limit=10000")["data"]["result"]["result"]
     views = [t for t in tasks if t["job_id"] == run["job_id"] and "ViewsUDF" in t["name"]]
     assert views and {t["node_id"] for t in views} == {cluster.data_node["node_id"]}
+    # the progress queue sits on the driver's node (the head: Ray connects a driver to the head
+    # raylet of its machine), never on a worker node whose loss would fail every restart with it
+    actors = cluster.api("/api/v0/actors?detail=1&limit=10000")["data"]["result"]["result"]
+    queues = [a for a in actors
+              if a["job_id"] == run["job_id"] and a["class_name"].endswith("_QueueActor")]
+    assert queues and {a["node_id"] for a in queues} == {cluster.head["node_id"]}, queues
 
 
 def _wait_for_first_checkpoint(run_dir: str, proc: subprocess.Popen, timeout: float = 240) -> None:
