@@ -154,7 +154,7 @@ class Jigsaw(SSLMethod):
         corners = centred_grid(images.shape[0], images.shape[-1], self.tile_size, self.gap)
         tiles = crop_patches(images, corners, self.tile_size)  # (B, 9, 3, t, t)
         features = self.backbone(self._input(tiles.flatten(0, 1)))  # (9B, D)
-        features = features.view(images.shape[0], 9, -1)  # (B, 9, D)
+        features = features.view(images.shape[0], TILES, -1)  # (B, 9, D)
         return features.mean(1) if self.embed_pool == "mean" else features.flatten(1)
 
     def log_images(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

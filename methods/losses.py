@@ -114,12 +114,11 @@ def dino_stats(teacher_out: list[torch.Tensor], center: torch.Tensor,
     entropy ~ log K with KL ~ 0; collapse to one dimension as both extremes.
     """
     probs = torch.cat(_teacher_probs(teacher_out, center, teacher_temp))  # (V_t * B, K)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
+    entropy = float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean())  # one sync
     mean_probs = probs.mean(dim=0)  # (K,)
     num_dims = mean_probs.shape[0]
     kl = (mean_probs * torch.log(mean_probs.clamp_min(1e-12) * num_dims)).sum()
-    return {"teacher_entropy": entropy.item(),
-            "teacher_entropy_ratio": entropy.item() / math.log(num_dims),
+    return {"teacher_entropy": entropy, "teacher_entropy_ratio": entropy / math.log(num_dims),
             "teacher_kl_uniform": kl.item()}
 
 
