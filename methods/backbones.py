@@ -30,9 +30,16 @@ def register_backbone(name: str):
     return deco
 
 
+def registered_backbones() -> list[str]:
+    """Every backbone name, the ViTs included (their module registers them when imported)."""
+    import methods
+    methods.load_all()
+    return sorted(BACKBONES)
+
+
 @dataclass
 class BackboneConfig:
-    name: str = param("resnet_small", choices=lambda: sorted(BACKBONES),
+    name: str = param("resnet_small", choices=registered_backbones,
                       help="feature extractor; resnet_small is sized for CPU demos")
     small_stem: bool = param(True, help="3x3 stride-1 stem without max-pool, for images <= 64 px")
     width: int = param(32, ge=4, help="base channel width of resnet_small")
@@ -41,9 +48,9 @@ class BackboneConfig:
     # Deeper/wider ViT settings live in the ViT builders; these two shape the token grid.
 
     def validate(self, prefix: str) -> None:
-        if self.name not in BACKBONES:
+        if self.name not in registered_backbones():
             raise ConfigError(f"{prefix}.name: unknown backbone {self.name!r}; "
-                              f"registered backbones: {', '.join(sorted(BACKBONES))}")
+                              f"registered backbones: {', '.join(registered_backbones())}")
         if self.depth and not self.name.startswith("vit_"):
             raise ConfigError(f"{prefix}.depth: {self.depth} sets a ViT's block count, but "
                               f"{prefix}.name is {self.name!r}; remove depth or pick a vit_* "
