@@ -376,6 +376,17 @@ def random_solarize(images: Tensor, p: float = 0.2, threshold: float = 0.5, *,
     return solarize(images, threshold, _bernoulli(images.shape[0], p, generator, images.device))
 
 
+def fit_size(images: Tensor, size: int) -> Tensor:
+    """(B, C, H, W) resized to size x size (bilinear, antialiased), the dtype kept; unchanged
+    when already that size. For views that take the whole image rather than a resized crop,
+    when images are decoded larger than the training size (`data.decode_size`)."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x.round_().clamp_(0, 255).to(images.dtype) if images.dtype == torch.uint8 else x
+
+
 # ---------------------------------------------------------------- dtype
 
 def to_float(images: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from methods import augment
 from methods.backbones import MEAN, BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import param
@@ -86,7 +87,8 @@ class MaskedViews:
         self.cfg, self.size = cfg, image_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image = random_translate(images, self.cfg.crop_padding, generator=generator)
+        image = random_translate(augment.fit_size(images, self.size), self.cfg.crop_padding,
+                                 generator=generator)
         mask = block_masks(image.shape[0], self.size, self.cfg, generator)
         fill = torch.tensor(FILL, dtype=torch.uint8).view(1, 3, 1, 1)
         masked = torch.where(mask.bool(), fill, image)

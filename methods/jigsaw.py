@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from methods import augment
 from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import param
@@ -112,6 +113,7 @@ class JigsawViews:
         return corners, torch.randint(0, c.num_permutations, (batch,), generator=generator)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        images = augment.fit_size(images, self.size)
         corners, index = self.layout(images.shape[0], generator)  # (B, 9, 2), (B,)
         perms = self.permutations[index]  # (B, 9)
         shuffled = corners.gather(1, perms[..., None].expand(-1, -1, 2))  # (B, 9, 2)

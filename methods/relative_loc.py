@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from methods import augment
 from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import param
@@ -76,6 +77,7 @@ class ContextViews:
         return corners, order[:, :c.pairs_per_image]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        images = augment.fit_size(images, self.size)
         corners, position = self.layout(images.shape[0], generator)  # (B, 9, 2), (B, K)
         cells = torch.tensor(NEIGHBOURS)[position]  # (B, K) grid cell of each neighbour
         chosen = torch.cat([corners[:, CENTRE:CENTRE + 1],

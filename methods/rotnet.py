@@ -37,10 +37,10 @@ class RotationViews:
     clockwise, as torch.rot90), each of the four turns once per image, in a random order."""
 
     def __init__(self, cfg: RotNetConfig, image_size: int):
-        self.padding, self.flip_p = cfg.crop_padding, cfg.flip_p
+        self.padding, self.flip_p, self.size = cfg.crop_padding, cfg.flip_p, image_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = random_translate(images, self.padding, generator=generator)
+        x = random_translate(augment.fit_size(images, self.size), self.padding, generator=generator)
         x = augment.random_hflip(x, self.flip_p, generator=generator)
         order = torch.rand(x.shape[0], ROTATIONS, generator=generator).argsort(1)  # (B, 4)
         rotated = torch.stack([augment.rotate90(x, order[:, i]) for i in range(ROTATIONS)], 1)

@@ -5,6 +5,11 @@ applies `--set dotted.key=value` overrides (values parsed as YAML, so `[knn,line
 and builds the typed sections; any unknown key, wrong type or out-of-range value raises
 `ConfigError` naming the dotted key. Dicts cross process boundaries through `to_dict` /
 `from_dict` only.
+
+Checks come in two kinds. `from_dict` checks syntax and ranges only, so it is cheap wherever it
+runs (a Ray worker, every sweep candidate, a laptop submitting to a cluster whose data it cannot
+see). `check_data_sources` asks whether the data sources exist and carry what the stages need; it runs
+where the job runs (`load_config(..., check_data=True)`, the default), before Ray starts.
 """
 from __future__ import annotations
 
@@ -108,13 +113,25 @@ def _check_across_sections(cfg: ExperimentConfig) -> None:
     if t.batch_size // t.num_workers < 2:
         raise ConfigError(f"train.batch_size: {t.batch_size} gives each of {t.num_workers} workers "
                           f"fewer than 2 images; contrastive losses need 2 or more per worker")
-    if any(STAGES[s].needs_labels for s in cfg.eval.stages) and cfg.data.eval_source is None:
-        info = inspect_source(cfg.data.source, "data.source", image_column=cfg.data.image_column,
-                              label_column=cfg.data.label_column)
-        if not info.labeled:
-            raise ConfigError(f"eval.stages: {cfg.eval.stages} need labels but data.source "
-                              f"{cfg.data.source} is unlabeled; set data.eval_source to a labeled "
-                              f"source or eval.stages=[]")
+
+
+def check_data_sources(cfg: ExperimentConfig) -> None:
+    """The data sources exist, and are labeled where the evaluation stages need labels.
+
+    Cheap (a top-level listing or a Parquet schema, never the full listing); raises ConfigError
+    naming `data.source` / `data.eval_source` and the path.
+    """
+    infos = {key: inspect_source(spec, f"data.{key}", cfg.data)
+             for key, spec in (("source", cfg.data.source), ("eval_source", cfg.data.eval_source))
+             if spec is not None}
+    if cfg.sweep is not None and cfg.data.eval_source is None and not infos["source"].labeled:
+        raise ConfigError(f"data.source: {cfg.data.source} is unlabeled and a sweep ranks trials "
+                          f"on an online kNN; set data.eval_source to a labeled source")
+    if any(STAGES[s].needs_labels for s in cfg.eval.stages) and cfg.data.eval_source is None \
+            and not infos["source"].labeled:
+        raise ConfigError(f"eval.stages: {cfg.eval.stages} need labels but data.source "
+                          f"{cfg.data.source} is unlabeled; set data.eval_source to a labeled "
+                          f"source or eval.stages=[]")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
@@ -154,9 +171,15 @@ def read_yaml(path: str) -> dict:
     return d or {}
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read, override, validate; also fix the run name so the resolved config names its run."""
+def load_config(path: str | None, overrides: list[str] = (), *,
+                check_data: bool = True) -> ExperimentConfig:
+    """Read, override, validate; also fix the run name so the resolved config names its run.
+
+    `check_data=False` leaves the data sources' existence to where the job runs (`submit`).
+    """
     cfg = from_dict(apply_overrides(read_yaml(path) if path else {}, list(overrides)))
+    if check_data:
+        check_data_sources(cfg)
     if cfg.output.name is None:
         cfg.output.name = f"{cfg.method_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg

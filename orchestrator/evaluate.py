@@ -74,7 +74,8 @@ def evaluate(checkpoint: str, cfg: ExperimentConfig, out_dir: str, run_dir: str 
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(cfg))
     init_ray(cfg.cluster, verbose)
-    splits = load_splits(cfg.data, any(STAGES[s].needs_labels for s in cfg.eval.stages))
+    splits = load_splits(cfg.data, any(STAGES[s].needs_labels for s in cfg.eval.stages),
+                         cache_dir=os.path.join(run_dir or out_dir, "data"))
     ctx = StageContext(run_dir=out_dir, checkpoint=checkpoint, splits=splits, cfg=cfg.eval,
                        seed=cfg.data.seed, train=summary["train"])
     results = run_stages(ctx, log=log, force=force)

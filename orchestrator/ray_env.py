@@ -77,3 +77,17 @@ def init_ray(cluster: ClusterConfig, verbose: bool = False) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+
+
+def spilled_mb() -> float | None:
+    """MiB the object store has spilled to disk since Ray started (None where Ray cannot say).
+
+    Spilling means the data did not fit in memory; a streamed dataset should never cause it.
+    Read through Ray's internal memory API (what `ray memory --stats-only` prints).
+    """
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        reply = get_memory_info_reply(get_state_from_address())
+        return round(reply.store_stats.spilled_bytes_total / 2**20, 1)
+    except Exception:  # a private API: its absence must not fail a run
+        return None

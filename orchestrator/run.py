@@ -14,7 +14,7 @@ from typing import Callable
 import ray
 
 from orchestrator.config import ExperimentConfig, dump_yaml
-from orchestrator.ray_env import init_ray
+from orchestrator.ray_env import init_ray, spilled_mb
 from orchestrator.report import read_summary, write_report_logged
 from orchestrator.tracking import progress_line
 from orchestrator.train import TrainResult, fit, latest_checkpoint
@@ -68,11 +68,12 @@ def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], Non
 
 def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
                    log: Callable[[str], None] = print, callbacks: list | None = None,
-                   force: bool = False) -> dict:
+                   force: bool = False, listing_dir: str | None = None) -> dict:
     """Train and evaluate; write config.yaml, summary.json, tensorboard/, checkpoints/, stages/.
 
     `callbacks` go to the TorchTrainer's RunConfig (a sweep trial passes its Tune report);
-    `force` re-runs evaluation stages whose inputs did not change.
+    `force` re-runs evaluation stages whose inputs did not change; `listing_dir` holds the
+    listing of a file source (default `<run>/data`; a sweep's trials share the sweep's).
     """
     run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
@@ -80,10 +81,13 @@ def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
         f.write(dump_yaml(cfg))
     init_ray(cfg.cluster, verbose)
     need_labels = any(STAGES[s].needs_labels for s in cfg.eval.stages)
-    splits = load_splits(cfg.data, need_labels)
-    log(f"data: {cfg.data.source}, {splits.counts}")
-    if splits.skipped:
-        log(f"skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[:3]}")
+    splits = load_splits(cfg.data, need_labels,
+                         cache_dir=listing_dir or os.path.join(run_dir, "data"), log=log)
+    log(f"data: {cfg.data.source}, {splits.counts}"
+        + (", streamed from storage every epoch" if splits.streamed else ""))
+    if splits.known_skipped:
+        log(f"skipped {len(splits.known_skipped)} unreadable image(s), e.g. "
+            f"{splits.known_skipped[:3]}")
     train = _train(cfg, splits, run_dir, log, callbacks)
     summary = {"run": cfg.output.name, "run_dir": run_dir, "method": cfg.method_name,
                "train": _train_figures(run_dir, train, splits), "eval": {}}
@@ -100,8 +104,10 @@ def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
 
 def _train_figures(run_dir: str, train: TrainResult, splits) -> dict:
     """summary["train"]; a re-run that trained nothing keeps the figures of the run that did."""
-    figures = {**asdict(train), "skipped_images": len(splits.skipped),
-               "skipped": splits.skipped[:100], "data": splits.counts}
+    skipped = splits.skipped  # a streamed source finds its bad images while training
+    figures = {**asdict(train), "skipped_images": len(skipped), "skipped": skipped[:100],
+               "data": {**splits.counts, "skipped": len(skipped)},
+               "streamed": splits.streamed, "object_store_spilled_mb": spilled_mb()}
     if train.resumed_from_step == train.steps:
         previous = read_summary(run_dir).get("train", {})
         if previous.get("steps") == train.steps:

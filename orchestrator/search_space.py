@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from methods.config import ConfigError, param
-from pipelines.sources import inspect_source
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("asha", "none")
@@ -200,11 +199,6 @@ def _check_experiment(sweep: SweepConfig, cfg: Any) -> None:
     if not cfg.eval.online_every:
         raise ConfigError("eval.online_every: 0 turns off the online kNN that a sweep ranks and "
                           "early-stops trials on; set it to 1 or more epochs")
-    if cfg.data.eval_source is None and not inspect_source(
-            cfg.data.source, "data.source", image_column=cfg.data.image_column,
-            label_column=cfg.data.label_column).labeled:
-        raise ConfigError(f"data.source: {cfg.data.source} is unlabeled and a sweep ranks trials "
-                          f"on an online kNN; set data.eval_source to a labeled source")
     if cfg.cluster.address is None and not cfg.cluster.dashboard:
         raise ConfigError("cluster.dashboard: a sweep needs the dashboard: without it Ray "
                           "Train never releases the resources of stopped trials and the sweep "

@@ -17,21 +17,15 @@ joined and before any data or training task starts.
 from __future__ import annotations
 
 import os
-import re
 
 from methods.config import ConfigError
+from pipelines.uri import is_uri
 
 # Filesystem types that every node of a cluster can mount at the same path.
 SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "ceph", "cifs", "smb3", "smbfs",
                       "glusterfs", "beegfs", "wekafs", "panfs"}
 SHARED_FUSE = ("s3fs", "gcsfuse", "mountpoint-s3", "juicefs", "glusterfs", "ceph", "sshfs",
                "blobfuse", "goofys", "rclone", "alluxio")
-
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def is_uri(path: str) -> bool:
-    return bool(_URI.match(path))
 
 
 def check_storage_path(storage_path: str | None, prefix: str = "cluster") -> None:

@@ -35,7 +35,7 @@ from orchestrator.search_space import Dimension, check_space, count_trials, set_
 from orchestrator.sweep_results import (METRIC, TEACHER_ENTROPY, collect_rows, format_leaderboard,
                                         is_collapsed, trial_status, write_outputs)
 from orchestrator.tracking import read_records
-from pipelines.sources import inspect_source
+from pipelines.data import list_sources
 
 TUNE_DIR = "tune"
 EVAL_CPUS = 2.0            # the embed stage's Ray Data actor and a task beside it
@@ -128,10 +128,15 @@ def _file_log(path: str):
     return log
 
 
+def listing_dir(sweep_dir: str) -> str:
+    return os.path.join(sweep_dir, "data")
+
+
 @ray.remote(num_cpus=0)
 def _run_chain(cfg: ExperimentConfig, callbacks: list) -> dict:
-    return run_experiment(cfg, log=_file_log(os.path.join(run_dir_of(cfg), "run.log")),
-                          callbacks=callbacks)
+    run_dir = run_dir_of(cfg)
+    return run_experiment(cfg, log=_file_log(os.path.join(run_dir, "run.log")),
+                          callbacks=callbacks, listing_dir=listing_dir(os.path.dirname(run_dir)))
 
 
 def run_trial(config: dict, base: dict, sweep_dir: str, resources: TrialResources) -> None:
@@ -223,15 +228,11 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def chance_top1(cfg: ExperimentConfig) -> float | None:
+def chance_top1(cfg: ExperimentConfig, classes: list[str]) -> float | None:
     """1/classes + sweep.collapse_knn_margin: a kNN top-1 this low means collapsed features."""
-    if cfg.sweep.collapse_knn_margin is None:
+    if cfg.sweep.collapse_knn_margin is None or not classes:
         return None
-    source = cfg.data.eval_source or cfg.data.source
-    classes = inspect_source(source, load_arrays=source in ("digits", "scenes"),
-                             image_column=cfg.data.image_column,
-                             label_column=cfg.data.label_column).classes
-    return 1 / len(classes) + cfg.sweep.collapse_knn_margin if classes else None
+    return 1 / len(classes) + cfg.sweep.collapse_knn_margin
 
 
 def _tuner(cfg: ExperimentConfig, dims: list[Dimension], trainable, sweep_dir: str,
@@ -289,8 +290,9 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
     sweep_dir = run_dir_of(cfg)
     dims = check_space(cfg.sweep, experiment_dict(cfg), from_dict)
     _prepare(cfg, sweep_dir, resume)
-    chance = chance_top1(cfg)
     init_ray(cfg.cluster, verbose)
+    # listed once here, in Ray tasks, and read back by every trial
+    chance = chance_top1(cfg, list_sources(cfg.data, listing_dir(sweep_dir)))
     res = trial_resources(cfg, ray.cluster_resources())
     if res.concurrent > max(res.fits, 1):
         log(f"warning: sweep.max_concurrent_trials={res.concurrent} but the cluster fits "

@@ -177,7 +177,7 @@ def fit(cfg: ExperimentConfig, splits: Splits, run_dir: str, progress=None,
                           f"images; lower it to at most {n // t.num_workers * t.num_workers}")
     views = spec.views(cfg.method, cfg.data.image_size)
     datasets = {"train": view_dataset(splits.pretrain, views, cfg.data.view_batch_size,
-                                      cfg.data.remote_args())}
+                                      cfg.data.remote_args(), streamed=splits.streamed)}
     if cfg.eval.online_every and splits.probe_test is not None:
         datasets.update(probe_train=splits.probe_train, probe_test=splits.probe_test)
     cpus, threads = worker_resources(cfg)

@@ -1,62 +1,85 @@
-"""Image sources: where images come from, before Ray reads them.
+"""Image sources: what a `data.source` names, checked cheaply before Ray starts.
 
-`digits`        scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)
-`scenes`        labeled crops of scikit-image's bundled colour photographs (pipelines/scenes.py)
-`folder:PATH`   one sub-folder per class, or a flat folder of unlabeled images
-`parquet:PATH`  a file or folder of Parquet with an image-bytes column and an optional label column
+`digits`              scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)
+`scenes`              labeled crops of scikit-image's bundled colour photographs (pipelines/scenes.py)
+`folder:LOCATION`     one sub-folder per class, or a flat folder of unlabeled images
+`parquet:LOCATION`    a Parquet file or a folder of them: an image-bytes column, optionally a label
+`webdataset:LOCATION` a .tar shard or a folder of them (WebDataset: members `KEY.jpg`, `KEY.cls`)
 
-Everything here runs in the driver without Ray, so a bad source fails before any resource is
-asked for: `inspect_source` lists what a source holds and whether it is labeled.
+LOCATION is a local path or a `file://`, `s3://` or `gs://` URI (pipelines/uri.py). Two levels of
+checking: `parse_source` is syntax only (runs anywhere, e.g. on a laptop submitting to a cluster);
+`inspect_source` looks at the top of the source (a folder's first level, one Parquet footer, one
+tar header), never the whole of it, so it is cheap at any size. The full listing runs in Ray tasks
+(pipelines/listing.py).
 """
 from __future__ import annotations
 
 import os
+import posixpath
+import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from methods.config import ConfigError
+from pipelines import uri
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm"}
 EMBEDDED = ("digits", "scenes")
+FILE_KINDS = ("folder", "parquet", "webdataset")
+# WebDataset: the member holding a sample's class (its convention: an integer as text)
+WDS_LABEL = "cls"
 
 
 @dataclass
 class SourceInfo:
-    """What a source holds. Embedded sources carry their (decoded) arrays; file sources paths."""
-    kind: str                                 # digits | scenes | folder | parquet
-    path: str = ""
+    """What a source holds. Embedded sources carry their (decoded) arrays; file sources a location."""
+    kind: str                                 # digits | scenes | folder | parquet | webdataset
+    location: str = ""                        # absolute path or URI
     labeled: bool = True
-    classes: list[str] = field(default_factory=list)
-    items: list[dict] = field(default_factory=list)   # folder: {"key", "label", "path"}
+    classes: list[str] = field(default_factory=list)  # embedded and folder; else from the listing
     arrays: dict = field(default_factory=dict)        # embedded: images/labels (+ fixed split)
 
 
 def parse_source(spec: str, key: str) -> tuple[str, str]:
-    kind, _, path = spec.partition(":")
-    if kind in EMBEDDED and not path:
+    """(kind, normalised location) of a source spec; syntax only, nothing is opened."""
+    kind, _, location = spec.partition(":")
+    if kind in EMBEDDED and not location:
         return kind, ""
-    if kind in ("folder", "parquet") and path:
-        return kind, os.path.abspath(os.path.expanduser(path))
-    raise ConfigError(f"{key}: {spec!r} is not a source; use one of digits, scenes, folder:PATH, "
-                      f"parquet:PATH")
+    if kind in FILE_KINDS and location:
+        return kind, uri.normalize(location, key)
+    raise ConfigError(f"{key}: {spec!r} is not a source; use one of digits, scenes, "
+                      f"folder:LOCATION, parquet:LOCATION, webdataset:LOCATION (a path or a "
+                      f"file://, s3:// or gs:// URI)")
 
 
-def inspect_source(spec: str, key: str = "data.source", *, image_column: str = "image",
-                   label_column: str = "label", load_arrays: bool = False,
-                   scenes_args: dict | None = None) -> SourceInfo:
-    """List the source named by `spec`; raise ConfigError naming `key` if it cannot be used."""
-    kind, path = parse_source(spec, key)
-    if kind == "folder":
-        return _inspect_folder(path, key)
-    if kind == "parquet":
-        return _inspect_parquet(path, key, image_column, label_column)
-    info = SourceInfo(kind=kind)
-    if load_arrays:
-        info.arrays = load_digits() if kind == "digits" else _load_scenes(scenes_args or {})
-        info.classes = info.arrays["classes"]
-    return info
+def _opt(data: Any, name: str, default: Any) -> Any:
+    return getattr(data, name, default) if data is not None else default
+
+
+def inspect_source(spec: str, key: str = "data.source", data: Any = None, *,
+                   load_arrays: bool = False, scenes_args: dict | None = None) -> SourceInfo:
+    """Check the source named by `spec` exists and say whether it is labeled; ConfigError names
+    `key`. `data` is the DataConfig (columns, endpoint); `load_arrays` loads embedded data."""
+    kind, location = parse_source(spec, key)
+    if kind in EMBEDDED:
+        info = SourceInfo(kind=kind)
+        if load_arrays:
+            info.arrays = load_digits() if kind == "digits" else _load_scenes(scenes_args or {})
+            info.classes = info.arrays["classes"]
+        return info
+    fs, path = uri.filesystem(location, _opt(data, "endpoint_url", None))
+    try:
+        if kind == "folder":
+            return _inspect_folder(fs, path, location, key)
+        if kind == "parquet":
+            return _inspect_parquet(fs, path, location, key, _opt(data, "image_column", "image"),
+                                    _opt(data, "label_column", "label"))
+        return _inspect_webdataset(fs, path, location, key)
+    except OSError as e:  # permissions, credentials, an unreachable endpoint
+        raise ConfigError(f"{key}: cannot read {location}: {e}") from None
 
 
 def load_digits() -> dict:
@@ -76,52 +99,97 @@ def _load_scenes(args: dict) -> dict:
             "classes": list(s["classes"])}
 
 
-def _inspect_folder(path: str, key: str) -> SourceInfo:
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key}: folder {path} does not exist")
-    entries = sorted(os.listdir(path))
-    top_files = [e for e in entries if _is_image(os.path.join(path, e))]
-    class_dirs = [e for e in entries if os.path.isdir(os.path.join(path, e))
-                  and not e.startswith(".")]
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _children(fs, path: str, location: str, key: str, what: str):
+    import pyarrow.fs as pafs
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise ConfigError(f"{key}: {what} {location} does not exist")
+    return fs.get_file_info(pafs.FileSelector(path, recursive=False))
+
+
+def _inspect_folder(fs, path: str, location: str, key: str) -> SourceInfo:
+    import pyarrow.fs as pafs
+    entries = _children(fs, path, location, key, "folder")
+    top_files = [e.base_name for e in entries
+                 if e.type == pafs.FileType.File and is_image_name(e.base_name)]
+    class_dirs = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
+                        and not e.base_name.startswith("."))
     if top_files and class_dirs:
-        raise ConfigError(f"{key}: {path} has images at its top level and class sub-folders "
+        raise ConfigError(f"{key}: {location} has images at its top level and class sub-folders "
                           f"{class_dirs[:3]}; move the top-level images into a class folder")
-    if top_files:
-        items = [{"key": f, "label": -1, "path": os.path.join(path, f)} for f in top_files]
-        return SourceInfo(kind="folder", path=path, labeled=False, items=items)
-    items = []
-    for label, cls in enumerate(class_dirs):
-        for root, dirs, files in os.walk(os.path.join(path, cls)):
-            dirs.sort()
-            for f in sorted(files):
-                full = os.path.join(root, f)
-                if _is_image(full):
-                    items.append({"key": os.path.relpath(full, path), "label": label, "path": full})
-    if not items:
-        raise ConfigError(f"{key}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {path}")
-    return SourceInfo(kind="folder", path=path, labeled=True, classes=class_dirs, items=items)
+    if not top_files and not class_dirs:
+        raise ConfigError(f"{key}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no "
+                          f"class sub-folders in {location}")
+    return SourceInfo(kind="folder", location=location, labeled=bool(class_dirs),
+                      classes=class_dirs)
 
 
-def _is_image(path: str) -> bool:
-    return os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+def data_files(fs, path: str, location: str, key: str, suffix: str) -> list[str]:
+    """The files of a source: `path` itself, or the `suffix` files under it (sorted, recursive)."""
+    import pyarrow.fs as pafs
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError(f"{key}: {location} does not exist")
+    files = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if e.type == pafs.FileType.File and e.path.endswith(suffix)
+                   and not os.path.basename(e.path).startswith((".", "_")))
+    if not files:
+        raise ConfigError(f"{key}: no {suffix} files under {location}")
+    return files
 
 
-def _inspect_parquet(path: str, key: str, image_column: str, label_column: str) -> SourceInfo:
-    import pyarrow.dataset as pads
-    if not os.path.exists(path):
-        raise ConfigError(f"{key}: {path} does not exist")
-    names = pads.dataset(path, format="parquet").schema.names
+def _first_file(fs, path: str, location: str, key: str, suffix: str) -> str:
+    """One `suffix` file of the source, found without listing all of it."""
+    import pyarrow.fs as pafs
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return path
+    for entry in sorted(_children(fs, path, location, key, "folder"), key=lambda e: e.path):
+        if entry.type == pafs.FileType.File and entry.path.endswith(suffix):
+            return entry.path
+        if entry.type == pafs.FileType.Directory and not entry.base_name.startswith((".", "_")):
+            found = data_files(fs, entry.path, location, key, suffix)
+            return found[0]
+    raise ConfigError(f"{key}: no {suffix} files under {location}")
+
+
+def _inspect_parquet(fs, path: str, location: str, key: str, image_column: str,
+                     label_column: str) -> SourceInfo:
+    import pyarrow.parquet as pq
+    first = _first_file(fs, path, location, key, ".parquet")
+    with fs.open_input_file(first) as f:
+        names = pq.read_schema(f).names
     if image_column not in names:
-        raise ConfigError(f"data.image_column: {image_column!r} is not a column of {path}; "
+        raise ConfigError(f"data.image_column: {image_column!r} is not a column of {location}; "
                           f"its columns: {', '.join(names)}")
-    labeled = label_column in names
-    classes = parquet_classes(path, label_column) if labeled else []
-    return SourceInfo(kind="parquet", path=path, labeled=labeled, classes=[str(c) for c in classes])
+    return SourceInfo(kind="parquet", location=location, labeled=label_column in names)
 
 
-def parquet_classes(path: str, label_column: str) -> list:
-    """Sorted distinct labels of a Parquet source (read from the label column only)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    column = pads.dataset(path, format="parquet").to_table(columns=[label_column]).column(0)
-    return sorted(v for v in pc.unique(column).to_pylist() if v is not None)
+def wds_member(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name into (sample key, extension): the key runs to the
+    first dot of the file name, so `a/b.seg.png` is sample `a/b`, member `seg.png`."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _inspect_webdataset(fs, path: str, location: str, key: str) -> SourceInfo:
+    first = _first_file(fs, path, location, key, ".tar")
+    members: set[str] = set()
+    with fs.open_input_stream(first) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        sample = None
+        for member in tar:
+            stem, ext = wds_member(member.name)
+            if sample is not None and stem != sample:
+                break
+            sample = stem
+            members.add(ext)
+    if not any(f".{m}" in IMAGE_EXTENSIONS for m in members):
+        raise ConfigError(f"{key}: the first sample of {first} has no image member (members: "
+                          f"{sorted(members)}; expected one of {sorted(IMAGE_EXTENSIONS)})")
+    return SourceInfo(kind="webdataset", location=location, labeled=WDS_LABEL in members)

@@ -1,7 +1,7 @@
 """The method's views as a Ray Data stage: decoded images in, augmented views out.
 
-Runs after the decoded cache, so every epoch re-executes it and draws new augmentations; each task
-seeds its own generator from the OS (methods/views.py explains why).
+Runs after the decoded cache or the streaming read, so every epoch re-executes it and draws new
+augmentations; each task seeds its own generator from the OS (methods/views.py explains why).
 """
 from __future__ import annotations
 
@@ -28,7 +28,14 @@ class ViewsUDF:
 
 
 def view_dataset(images: ray.data.Dataset, views: Callable, batch_size: int,
-                 remote_args: dict | None = None) -> ray.data.Dataset:
-    """`images` (the decoded cache) -> a lazily executed dataset of views, reshuffled by block."""
-    return images.randomize_block_order().map_batches(
-        ViewsUDF(views), batch_size=batch_size, zero_copy_batch=True, **(remote_args or {}))
+                 remote_args: dict | None = None, *, streamed: bool = False) -> ray.data.Dataset:
+    """`images` -> a lazily executed dataset of views.
+
+    A decoded cache is reshuffled by block each epoch (its rows were mixed once when listed); a
+    streamed dataset is already reshuffled row by row before it is read, and reordering its
+    blocks would hold all of them at once (`randomize_block_order` is an all-to-all step).
+    """
+    if not streamed:
+        images = images.randomize_block_order()
+    return images.map_batches(ViewsUDF(views), batch_size=batch_size, zero_copy_batch=True,
+                              **(remote_args or {}))

@@ -8,6 +8,10 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Credentials for the S3 server the object-storage tests start on loopback (moto accepts any).
+# Set before Ray starts, so every Ray worker reads them from its environment as in production.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "selfsup-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "selfsup-test")
 
 TINY = ["backbone.width=8", "data.image_size=16", "train.batch_size=128", "train.epochs=1",
         "train.warmup_epochs=0", "eval.linear.epochs=5", "eval.linear.lrs=[0.01]",

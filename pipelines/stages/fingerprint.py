@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 
 FINGERPRINT, METRICS = "fingerprint.json", "metrics.json"
 
@@ -30,20 +29,6 @@ def checkpoint_digest(path: str) -> dict:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return {"model_sha1": h.hexdigest(), "step": read_meta(path).get("step")}
-
-
-def data_digest(splits) -> str:
-    """Digest of the labeled splits: sorted keys and labels of probe_train/probe_test, image shape."""
-    h = hashlib.sha1()
-    for ds in (splits.probe_train, splits.probe_test):
-        if ds is None:
-            h.update(b"none")
-            continue
-        meta = ds.select_columns(["key", "label"]).to_pandas().sort_values("key", kind="stable")
-        h.update("\n".join(meta["key"].astype(str)).encode())
-        h.update(np.ascontiguousarray(meta["label"].to_numpy(np.int64)).tobytes())
-        h.update(str(np.asarray(ds.take(1)[0]["image"]).shape).encode())
-    return h.hexdigest()
 
 
 def stored_metrics(stage_dir: str, fingerprint: str) -> dict | None:

@@ -106,7 +106,7 @@ class StageContext:
     def common_inputs(self) -> dict:
         """The inputs every stage shares: the checkpoint, the labeled data, the seed."""
         if self.data_id is None:
-            self.data_id = fp.data_digest(self.splits) if self.splits is not None else "none"
+            self.data_id = self.splits.data_id if self.splits is not None else "none"
         return {"checkpoint": fp.checkpoint_digest(self.checkpoint), "data": self.data_id,
                 "seed": self.seed}
 

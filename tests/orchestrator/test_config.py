@@ -32,8 +32,9 @@ def cfg_with(*overrides):
     ("train.tempo=1", ["unknown key train.tempo", "epochs", "batch_size"]),
     ("method.aug.flip=0.5", ["unknown key method.aug.flip", "flip_p"]),
     ("eval.stages=[knn,svm]", ["eval.stages", "svm", "knn", "linear"]),
-    ("data.source=imagenet", ["data.source", "imagenet", "folder:PATH"]),
-    ("data.source=folder:/does/not/exist", ["data.source", "/does/not/exist", "does not exist"]),
+    ("data.source=imagenet", ["data.source", "imagenet", "folder:LOCATION"]),
+    ("data.source=folder:ftp://host/x", ["data.source", "ftp://", "s3://", "gs://"]),
+    ("data.decode_size=16", ["data.decode_size", "smaller than", "data.image_size"]),
     ("data.test_fraction=1.5", ["data.test_fraction", "< 1"]),
     ("method.aug.crop_scale=[0.9,0.2]", ["method.aug.crop_scale", "low <= high"]),
     ("train.num_workers=3", ["train.batch_size", "not divisible", "num_workers"]),
@@ -72,13 +73,24 @@ def test_round_trip_and_default_name(tmp_path):
     assert to_dict(again) == to_dict(cfg) and again.method.temperature == 0.2
 
 
+def test_data_is_checked_where_the_job_runs_not_in_the_syntax_check(tmp_path):
+    """`from_dict` (every worker, every sweep candidate, a laptop submitting to a cluster) never
+    looks at the data; `load_config` checks it, naming the key, before Ray starts."""
+    missing = f"data.source=folder:{tmp_path / 'nowhere'}"
+    assert cfg_with(missing).data.source.endswith("nowhere")
+    with pytest.raises(ConfigError, match=r"data.source: folder .*nowhere does not exist"):
+        load_config(None, ["method.name=simclr", missing])
+    assert load_config(None, ["method.name=simclr", missing], check_data=False)
+
+
 def test_unlabeled_source_with_label_stages_fails_early(tmp_path):
     from PIL import Image
     for i in range(2):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     with pytest.raises(ConfigError, match="eval.stages.*unlabeled.*data.eval_source"):
-        cfg_with(f"data.source=folder:{tmp_path}")
-    assert cfg_with(f"data.source=folder:{tmp_path}", "eval.stages=[]").eval.stages == []
+        load_config(None, ["method.name=simclr", f"data.source=folder:{tmp_path}"])
+    assert load_config(None, ["method.name=simclr", f"data.source=folder:{tmp_path}",
+                              "eval.stages=[]"]).eval.stages == []
 
 
 def test_every_shipped_config_is_valid():
