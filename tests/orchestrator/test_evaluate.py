@@ -111,7 +111,7 @@ def test_eval_config_comes_from_the_run_or_from_the_checkpoint(tmp_path):
 def test_a_rerun_that_trained_nothing_keeps_the_training_figures(tmp_path):
     from orchestrator.run import _train_figures
     from pipelines.data import Splits
-    splits = Splits(None, None, None, [], [], {"pretrain": 10})
+    splits = Splits(None, None, None, [], counts={"pretrain": 10})
     trained = TrainResult("ck/2", 3, 12, 4.2, 350.0, 75.0, 0)
     with open(tmp_path / "summary.json", "w") as f:
         json.dump({"train": _train_figures(str(tmp_path), trained, splits)}, f)
