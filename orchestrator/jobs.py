@@ -1,32 +1,47 @@
 """`selfsup submit` and `selfsup jobs list | status | logs | stop`, through the Ray Jobs API.
 
-A submitted job runs the same CLI on the cluster (`python -m orchestrator.cli run CONFIG --set
-... --name NAME`) with this project as its `working_dir`, so local edits run without rebuilding an
-image; the cluster's Python supplies the dependencies. The config is validated here first, and the
-run name is fixed here, so the job's output folder is known before it starts and submitting the
-same name again resumes it. The client sends the cluster's token (RAY_AUTH_MODE=token; Ray reads
-the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and never prints it.
+A submitted job runs the same CLI on the cluster, `python -m orchestrator.cli run
+selfsup-job.yaml --name NAME` (or `sweep`). Everything it needs travels in the job's runtime_env:
+
+- the resolved config: the YAML of the ExperimentConfig validated here (overrides applied, run
+  name fixed), at the root of the job's `working_dir`. The job runs what was checked here,
+  wherever the config file lived. `--working-dir DIR` ships the user's folder too; the job runs
+  in it, so relative paths resolve there.
+- selfsup itself (`--selfsup`): `local` ships this process's own packages (a source checkout or
+  site-packages) as `py_modules`, so the job runs the submitter's version; `cluster` ships nothing
+  (the cluster's Python has selfsup); `pip:SPEC` has Ray install a pinned spec for the job.
+
+Syntax and ranges are checked here, before any cluster is contacted. Whether the data exists is
+checked in the job (`selfsup run` names `data.source` and the path in the job's log), since the
+data may exist only where the job runs. The run name is fixed here, so the job's output folder is
+known before it starts and submitting the same name again resumes it. The client sends the
+cluster's token (RAY_AUTH_MODE=token; Ray reads the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
+or ~/.ray/auth_token) and never prints it.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import importlib.util
 import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from methods.config import ConfigError
 
-PROJECT = Path(__file__).resolve().parents[1]
+PACKAGES = ("orchestrator", "methods", "pipelines")  # selfsup, as `--selfsup local` ships it
+JOB_CONFIG = "selfsup-job.yaml"  # the resolved config, at the root of the job's working_dir
 # Never uploaded: version control, environments, caches and run outputs (gitignore-style).
 EXCLUDES = [".git", ".venv", "venv", "outputs", "__pycache__", ".pytest_cache", "*.egg-info",
             "build", ".cache", "benchmarks/results"]
 LARGE_FILE_MB = 50
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ENV_VARS = {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def dashboard_address(given: str | None) -> str:
@@ -67,20 +82,91 @@ def upload_excludes(root: Path, storage_path: str | None) -> tuple[list[str], li
     return excludes + [f"/{rel}" for rel in large], large
 
 
-def entrypoint(command: str, config: str, overrides: list[str], name: str) -> str:
-    sets = [word for o in overrides for word in ("--set", o)]
-    return shlex.join(["python", "-m", "orchestrator.cli", command, config, *sets, "--name", name])
+def stage(folder: Path, config_yaml: str, working_dir: Path | None) -> None:
+    """Lay out the job's working_dir in the empty `folder`: the resolved config, and a link to
+    each entry of `working_dir`.
+
+    Links, not copies: Ray follows them when it packs the folder, and its `excludes` and the
+    folder's `.gitignore` apply to the same relative paths as if `working_dir` itself were
+    uploaded, so what they leave out is never read.
+    """
+    entries = sorted(os.listdir(working_dir)) if working_dir is not None else []
+    if JOB_CONFIG in entries:
+        raise ConfigError(f"--working-dir {working_dir}: holds a file named {JOB_CONFIG}, the "
+                          f"name the submitted config takes in the job; rename it")
+    for entry in entries:
+        os.symlink(working_dir / entry, folder / entry)
+    (folder / JOB_CONFIG).write_text(config_yaml)
 
 
-def _project_relative(config: str) -> str:
-    if not (PROJECT / "pyproject.toml").is_file():
-        raise ConfigError(f"selfsup submit uploads the project folder, but this selfsup runs from "
-                          f"{PROJECT}, not a source checkout; use a clone (pip install -e .)")
-    rel = os.path.relpath(os.path.abspath(config), PROJECT)
-    if rel.startswith(".."):
-        raise ConfigError(f"{config}: the job receives the project folder {PROJECT}, and this "
-                          f"config is outside it; copy it under {PROJECT / 'configs'}")
-    return Path(rel).as_posix()
+def installed_packages() -> list[Path]:
+    """Where this selfsup's packages are: a source checkout, or site-packages of a pip install."""
+    return [Path(importlib.import_module(name).__file__).resolve().parent for name in PACKAGES]
+
+
+def selfsup_env(mode: str, working_dir: Path | None) -> dict:
+    """The runtime_env entries that put selfsup on the cluster, for `--selfsup MODE`.
+
+    py_modules reach the job's driver, not only its workers (Ray 2.60's source): the JobManager
+    starts the JobSupervisor actor with the job's runtime_env (dashboard/modules/job/
+    job_manager.py, `_get_supervisor_runtime_env`); PyModulesPlugin.modify_context puts the
+    unpacked packages first on that actor's PYTHONPATH (`set_pythonpath_in_context`); the
+    supervisor starts the entrypoint with a copy of its own environment, in the unpacked
+    working_dir (job_supervisor.py: `env = os.environ.copy()` → `Popen(entrypoint, env=env)`).
+    The driver's `ray.init` then hands the same runtime_env to every worker. `python -m` puts the
+    working directory before PYTHONPATH, so a working_dir holding another copy of selfsup would
+    win in the driver: that is refused.
+    """
+    packages = installed_packages()
+    held = [name for name in PACKAGES
+            if working_dir is not None and (working_dir / name / "__init__.py").is_file()]
+    if mode == "local" and held and all(p == working_dir / p.name for p in packages):
+        return {}  # the folder is this selfsup's own checkout: it carries the packages
+    if held and mode != "cluster":
+        raise ConfigError(
+            f"--working-dir {working_dir}: holds its own {', '.join(n + '/' for n in held)}, "
+            f"which the job would import instead of the selfsup that --selfsup {mode} ships; "
+            f"pass --selfsup cluster to run the folder's copy, or submit with that checkout's "
+            f"own selfsup")
+    if mode == "local":
+        return {"py_modules": [str(p) for p in packages]}
+    if mode.startswith("pip:"):
+        return {"pip": [mode[len("pip:"):]]}
+    return {}
+
+
+def selfsup_mode(value: str) -> str:
+    """`--selfsup`: local, cluster or pip:SPEC, the SPEC pinned so every node installs the same."""
+    spec = value[len("pip:"):].strip() if value.startswith("pip:") else None
+    if value not in ("local", "cluster") and not spec:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: choose local (ship this selfsup), cluster (use the cluster's own) or "
+            f"pip:SPEC (e.g. pip:selfsup==0.1.0)")
+    if spec and not ("==" in spec or "@" in spec or spec.endswith(".whl")):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: pin what every node installs, e.g. pip:selfsup==0.1.0 or "
+            f"'pip:selfsup @ git+https://HOST/REPO@COMMIT'")
+    return value
+
+
+def runtime_env(staged: Path, excludes: list[str], mode: str, working_dir: Path | None) -> dict:
+    return {"working_dir": str(staged), "excludes": excludes, "env_vars": dict(ENV_VARS),
+            **selfsup_env(mode, working_dir)}
+
+
+def entrypoint(command: str, name: str) -> str:
+    """The job's command: the same CLI on the resolved config, which holds every override."""
+    return shlex.join(["python", "-m", "orchestrator.cli", command, JOB_CONFIG, "--name", name])
+
+
+def _working_dir(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"--working-dir {value}: no such folder; give the folder the job "
+                          f"should run in (its files travel with the job)")
+    return path
 
 
 def _check_storage(storage_path: str | None) -> None:
@@ -88,40 +174,55 @@ def _check_storage(storage_path: str | None) -> None:
         raise ConfigError(
             f"cluster.storage_path: {storage_path!r}; a submitted run needs an absolute path the "
             f"cluster writes to (a shared mount such as /mnt/shared/selfsup, or a local folder "
-            f"for a cluster on this machine), else it lands in the job's temporary copy of the "
-            f"project; add --set cluster.storage_path=PATH")
+            f"for a cluster on this machine), else it lands in the job's temporary working "
+            f"directory; add --set cluster.storage_path=PATH")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
+    from orchestrator.config import dump_yaml, load_config
     command = "sweep" if args.sweep else "run"
     if args.sweep and importlib.util.find_spec("orchestrator.sweep") is None:
         raise ConfigError("--sweep: this version of selfsup has no sweep command")
-    config = _project_relative(args.config)
+    working_dir = _working_dir(args.working_dir)
     overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
-    cfg = load_config(args.config, overrides)  # config errors show here, not in the job's log
+    # Syntax and ranges here, before any cluster is contacted; the data where the job runs.
+    cfg = load_config(args.config, overrides, check_data=False)
     storage = cfg.cluster.storage_path
     _check_storage(storage)
-    excludes, large = upload_excludes(PROJECT, storage)
+    excludes, large = (upload_excludes(working_dir, storage) if working_dir
+                       else (list(EXCLUDES), []))
     if large:
         print(f"not uploaded (over {LARGE_FILE_MB} MiB): {', '.join(large)}")
-    jobs = client(args.address)
-    job_id = jobs.submit_job(
-        entrypoint=entrypoint(command, config, list(args.overrides), cfg.output.name),
-        runtime_env={"working_dir": str(PROJECT), "excludes": excludes,
-                     "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
-        metadata={"selfsup_run": cfg.output.name, "selfsup_config": config})
+    with tempfile.TemporaryDirectory(prefix="selfsup-submit-") as staged:
+        stage(Path(staged), dump_yaml(cfg), working_dir)
+        env = runtime_env(Path(staged), excludes, args.selfsup, working_dir)
+        jobs = client(args.address)
+        job_id = jobs.submit_job(  # uploads the staged folder and the packages before returning
+            entrypoint=entrypoint(command, cfg.output.name), runtime_env=env,
+            metadata={"selfsup_run": cfg.output.name, "selfsup_config": args.config})
+    print(f"submitted {job_id}: selfsup {command} {args.config} as run {cfg.output.name}")
+    _print_followups(job_id, args, env, os.path.join(storage, cfg.output.name))
+    return follow(jobs, job_id) if args.follow else 0
+
+
+def _print_followups(job_id: str, args: argparse.Namespace, env: dict, run_dir: str) -> None:
     address = f" --address {dashboard_address(args.address)}"
-    run_dir = os.path.join(storage, cfg.output.name)
+    if "py_modules" in env:
+        selfsup = f"this one, shipped from {os.path.dirname(env['py_modules'][0])}"
+    elif "pip" in env:
+        selfsup = f"{env['pip'][0]}, installed by Ray for the job"
+    else:
+        selfsup = "the working dir's" if args.selfsup == "local" else "the cluster's own"
     events = os.path.join(run_dir, "tensorboard")
-    print(f"submitted {job_id}: selfsup {command} {config} as run {cfg.output.name}")
-    for name, text in (("status", f"selfsup jobs status {job_id} --wait{address}"),
+    for name, text in (("selfsup", selfsup),
+                       ("working dir", Path(args.working_dir).expanduser().resolve()
+                        if args.working_dir else "none (only the resolved config)"),
+                       ("status", f"selfsup jobs status {job_id} --wait{address}"),
                        ("logs", f"selfsup jobs logs {job_id} --follow{address}"),
                        ("stop", f"selfsup jobs stop {job_id}{address}"),
                        ("outputs", f"{run_dir} (on the cluster's storage)"),
                        ("tensorboard", f"tensorboard --logdir {events}")):
         print(f"  {name:<12} {text}")
-    return follow(jobs, job_id) if args.follow else 0
 
 
 def wait_until_done(jobs, job_id: str, timeout: float | None = None, show=None) -> str:
@@ -220,12 +321,25 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     s = sub.add_parser("submit", help="run a config on a Ray cluster through the Jobs API")
-    s.add_argument("config", help="YAML config inside this project (see configs/)")
+    s.add_argument("config", help="YAML config, anywhere on this machine; the job runs its "
+                                  "resolved form (overrides applied, run name fixed). Its data "
+                                  "paths are checked in the job, where the data is")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key, as for `selfsup run` (repeatable)")
     s.add_argument("--name", help="run name; submitting the same name again resumes the run")
     s.add_argument("--sweep", action="store_true", help="run `selfsup sweep` instead of `run`")
     s.add_argument("--follow", action="store_true", help="print the job's log until it ends")
+    s.add_argument("--working-dir", metavar="DIR",
+                   help="a folder the job runs in, shipped with it (relative paths in the config "
+                        "resolve there; a selfsup checkout works too). Left out: .git, "
+                        "environments, outputs, caches, what its .gitignore lists and files over "
+                        f"{LARGE_FILE_MB} MiB. Default: none, the job gets only the config")
+    s.add_argument("--selfsup", type=selfsup_mode, default="local",
+                   metavar="{local,cluster,pip:SPEC}",
+                   help="how selfsup reaches the job: local (default) ships this installation's "
+                        "packages, so the job runs this version; cluster uses the selfsup "
+                        "installed in the cluster's Python; pip:SPEC has Ray install a pinned "
+                        "spec for the job (pip:selfsup==0.1.0)")
     _address_arg(s)
     s.set_defaults(handler=_reported(cmd_submit))
     p = sub.add_parser("jobs", help="list, follow and stop submitted jobs")
