@@ -187,6 +187,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
     # Syntax and ranges here, before any cluster is contacted; the data where the job runs.
     cfg = load_config(args.config, overrides, check_data=False)
+    # The job joins the cluster it runs on (RAY_ADDRESS), never an address written for a laptop.
+    cfg.cluster.address = None
     storage = cfg.cluster.storage_path
     _check_storage(storage)
     excludes, large = (upload_excludes(working_dir, storage) if working_dir
@@ -304,9 +306,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def _reported(handler):
     """Connection and Jobs API errors as one line on stderr and exit code 1, not a traceback."""
     def run(args: argparse.Namespace) -> int:
+        from ray.exceptions import RayError  # e.g. RuntimeEnvSetupError while uploading
         try:
             return handler(args)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except (ConnectionError, RuntimeError, ValueError, RayError) as e:
             if isinstance(e, ConfigError):
                 raise
             print(f"selfsup: {e}", file=sys.stderr)
