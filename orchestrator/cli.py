@@ -6,12 +6,18 @@ selfsup methods
 Each further command lives in its own module under orchestrator/ and is listed in COMMANDS: the
 module has `add_parser(subparsers)` (which sets `handler=` with `set_defaults`) and the handler
 returns the exit code.
+
+`selfsup run` stops cleanly on SIGTERM (`timeout`, SLURM, Kubernetes) and on a first Ctrl-C: the
+workers save a checkpoint at their current step (orchestrator/interrupt.py), the command prints
+how to resume and exits with 143 or 130. A second Ctrl-C exits at once.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import shlex
+import signal
 import sys
 import time
 
@@ -78,12 +84,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from orchestrator.run import run_experiment
-    start = time.time()
-    summary = run_experiment(cfg, verbose=args.verbose, log=lambda s: print(s, flush=True),
-                             force=args.force)
-    _print_summary(summary, time.time() - start)
+    import ray
+    from orchestrator.interrupt import Interrupted, Terminated, raise_on_sigterm
+    from orchestrator.ray_env import init_ray
+    from orchestrator.run import run_dir_of, run_experiment
+    from orchestrator.train import latest_checkpoint
+    init_ray(cfg.cluster, args.verbose)
+    raise_on_sigterm()  # after ray.init, which installs Ray's own (a native stack dump, abort)
+    try:
+        summary = run_experiment(cfg, verbose=args.verbose, log=lambda s: print(s, flush=True),
+                                 force=args.force, started=args.started)
+    except (Interrupted, Terminated, KeyboardInterrupt) as e:
+        # Interrupted: training stopped at a checkpoint; the others came outside training (data,
+        # evaluation) or were a second Ctrl-C
+        signum = e.signum if isinstance(e, Interrupted) else \
+            signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        checkpoint = e.checkpoint if isinstance(e, Interrupted) else \
+            latest_checkpoint(run_dir_of(cfg))
+        _print_stopped(signum, checkpoint, resume_command(args.argv, cfg.output.name))
+        ray.shutdown()  # Ray's processes end quietly, before the interpreter exits
+        return 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for Ctrl-C
+    _print_summary(summary, time.time() - args.started)
     return 0
+
+
+def resume_command(argv: list[str], name: str) -> str:
+    """The command line that resumes this run: the same one, with the run's name."""
+    rest, skip = [], False
+    for a in argv:
+        if skip or a == "--name" or a.startswith("--name="):
+            skip = a == "--name"
+            continue
+        rest.append(a)
+    return shlex.join(["selfsup", *rest, "--name", name])
+
+
+def _print_stopped(signum: int, checkpoint: str | None, command: str) -> None:
+    from pipelines.checkpoint import read_meta
+    if checkpoint:
+        meta = read_meta(checkpoint)
+        inside = f", {meta['epoch_step']} steps into it" if meta.get("epoch_step") else ""
+        saved = (f"the newest checkpoint is at step {meta['step']} "
+                 f"(epoch {meta['epoch'] + 1}{inside})")
+    else:
+        saved = "no checkpoint was saved yet"
+    print(f"\nselfsup: interrupted by {signal.Signals(signum).name}; {saved}\n"
+          f"resume with: {command}", file=sys.stderr, flush=True)
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
@@ -100,7 +146,10 @@ def _print_summary(summary: dict, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = _process_start()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv, args.started = argv, started
     try:
         return args.handler(args)
     except ConfigError as e:
@@ -110,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\nselfsup: interrupted; run the same command with the same --name to resume",
               file=sys.stderr)
         return 130
+
+
+def _process_start() -> float:
+    """When this command started (time.time()): its process's creation, imports included."""
+    try:
+        import psutil
+        return psutil.Process().create_time()
+    except Exception:  # no psutil, or no /proc: from now
+        return time.time()
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ def use_token_auth() -> None:
     Config.initialize("")
 
 
+def on_this_node():
+    """Scheduling for the driver's helper actors (progress queue, stop flag): on the driver's
+    node. Left to the scheduler one may land on a worker node, and when that node dies every
+    restarted attempt fails on the dead actor instead of resuming."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def quiet_logs(verbose: bool) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if verbose else "1")
     level = logging.INFO if verbose else logging.ERROR

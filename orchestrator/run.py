@@ -14,7 +14,7 @@ from typing import Callable
 import ray
 
 from orchestrator.config import ExperimentConfig, dump_yaml
-from orchestrator.ray_env import init_ray, spilled_mb
+from orchestrator.ray_env import init_ray, on_this_node, spilled_mb
 from orchestrator.report import read_summary, write_report_logged
 from orchestrator.tracking import progress_line
 from orchestrator.train import TrainResult, fit, latest_checkpoint
@@ -38,27 +38,26 @@ def _print_progress(queue, stop: threading.Event, log: Callable[[str], None]) ->
 
 
 def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], None],
-           callbacks: list | None = None) -> TrainResult:
+           callbacks: list | None = None, started: float | None = None) -> TrainResult:
     previous = latest_checkpoint(run_dir)
     if previous:
         meta = ckpt.read_meta(previous)
-        if meta["epoch"] + 1 >= cfg.train.epochs:
-            log(f"{cfg.output.name} already trained {meta['epoch'] + 1} epochs; evaluating it")
-            return TrainResult(previous, meta["epoch"] + 1, meta["step"], float("nan"), 0.0, 0.0,
-                               meta["step"])
-        log(f"resuming {cfg.output.name} from epoch {meta['epoch'] + 1}, step {meta['step']}")
+        at = ckpt.resume_point(meta)
+        t = cfg.train
+        if at.epoch >= t.epochs or (t.max_steps and at.step >= t.max_steps):
+            log(f"{cfg.output.name} already trained {at.epoch} epochs, {at.step} steps; "
+                f"evaluating it")
+            return TrainResult(previous, at.epoch, at.step, float("nan"), 0.0, 0.0, at.step)
+        inside = f" ({at.epoch_step} steps into it)" if at.epoch_step else ""
+        log(f"resuming {cfg.output.name} from epoch {meta['epoch'] + 1}, step {at.step}{inside}")
     from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    # on the driver's node: left to the scheduler it may land on a worker node, and when that node
-    # dies every restarted attempt fails on the dead queue instead of resuming
-    here = ray.get_runtime_context().get_node_id()
-    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
-                                 NodeAffinitySchedulingStrategy(here, soft=False)})
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, stop, log), daemon=True)
     printer.start()
     try:
-        return fit(cfg, splits, run_dir, progress=queue, callbacks=callbacks)
+        return fit(cfg, splits, run_dir, progress=queue, callbacks=callbacks, started=started,
+                   log=log)
     finally:
         time.sleep(0.6)  # let the last epoch's line through
         stop.set()
@@ -68,13 +67,17 @@ def _train(cfg: ExperimentConfig, splits, run_dir: str, log: Callable[[str], Non
 
 def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
                    log: Callable[[str], None] = print, callbacks: list | None = None,
-                   force: bool = False, listing_dir: str | None = None) -> dict:
+                   force: bool = False, listing_dir: str | None = None,
+                   started: float | None = None) -> dict:
     """Train and evaluate; write config.yaml, summary.json, tensorboard/, checkpoints/, stages/.
 
     `callbacks` go to the TorchTrainer's RunConfig (a sweep trial passes its Tune report);
     `force` re-runs evaluation stages whose inputs did not change; `listing_dir` holds the
-    listing of a file source (default `<run>/data`; a sweep's trials share the sweep's).
+    listing of a file source (default `<run>/data`; a sweep's trials share the sweep's);
+    `started` is the command's start (time.time(); default: now), from which the first
+    training step is timed.
     """
+    started = time.time() if started is None else started
     run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -88,7 +91,7 @@ def run_experiment(cfg: ExperimentConfig, *, verbose: bool = False,
     if splits.known_skipped:
         log(f"skipped {len(splits.known_skipped)} unreadable image(s), e.g. "
             f"{splits.known_skipped[:3]}")
-    train = _train(cfg, splits, run_dir, log, callbacks)
+    train = _train(cfg, splits, run_dir, log, callbacks, started)
     summary = {"run": cfg.output.name, "run_dir": run_dir, "method": cfg.method_name,
                "train": _train_figures(run_dir, train, splits), "eval": {}}
     if cfg.eval.stages:

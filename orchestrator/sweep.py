@@ -111,6 +111,8 @@ class EpochReportCallback(TuneReportCallback):
     is only told to stop when it hands Tune a result."""
 
     def after_report(self, run_context, metrics, checkpoint):
+        if "epoch_step" in metrics[0]:
+            return  # a checkpoint inside an epoch (time, steps, a stop): Tune counts epochs
         record = next((m for m in metrics if m.get("online")), metrics[0])  # rank 0's check
         super().after_report(run_context, [tune_result(record)], checkpoint)
 

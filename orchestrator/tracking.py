@@ -1,5 +1,6 @@
 """What a run records: TensorBoard events, metrics.jsonl (our own record — Ray's `Result.metrics`
-can be None) and the one-line-per-epoch progress the CLI prints."""
+can be None: one line per epoch, and one for an epoch that `max_steps` cut short) and the progress
+lines the CLI prints: one per epoch, more inside a long epoch, and one for the first step."""
 from __future__ import annotations
 
 import json
@@ -15,11 +16,24 @@ def fmt_seconds(s: float) -> str:
 
 
 def progress_line(r: dict) -> str:
-    """epoch 3/30  loss 4.1234  812 img/s  ETA 1m12s"""
+    """A record from rank 0 as one line:
+
+    epoch 3/30  loss 4.1234  812 img/s  ETA 1m12s                          an epoch's end
+    epoch 1/3  step 120/781 (15%)  loss 4.1234  812 img/s  ETA 12m30s      inside an epoch
+    first step after 21.3 s                                                 after a (re)start
+    ETA is the whole run's.
+    """
+    if "epoch" not in r:
+        return f"first step after {r['first_step_s']:.1f} s"
+    if "epoch_step" in r:
+        where = (f"  step {r['epoch_step']}/{r['epoch_steps']} "
+                 f"({100 * r['epoch_step'] // r['epoch_steps']}%)")
+    else:
+        where = ""
     shown = {**r.get("metrics", {}), **{k: v for k, v in r.get("online", {}).items()
                                         if k in ("knn_top1", "embed_std_ratio")}}
     extra = "  ".join(f"{k} {v:.3f}" for k, v in shown.items())
-    return (f"epoch {r['epoch'] + 1}/{r['epochs']}  loss {r['loss']:.4f}  "
+    return (f"epoch {r['epoch'] + 1}/{r['epochs']}{where}  loss {r['loss']:.4f}  "
             f"{r['images_per_s']:.0f} img/s  ETA {fmt_seconds(r['eta_s'])}"
             + (f"  {extra}" if extra else ""))
 
@@ -37,6 +51,10 @@ class RunLogger:
         self.writer.add_scalar("train/lr", lr, step)
         for k, v in values.items():
             self.writer.add_scalar(f"train/{k}", v, step)
+
+    def progress(self, record: dict) -> None:
+        """An in-epoch progress record: its images/s, on the same curve as the epochs'."""
+        self.writer.add_scalar("train/images_per_s", record["images_per_s"], record["step"])
 
     def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
         for tag, x in images.items():

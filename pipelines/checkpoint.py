@@ -1,14 +1,20 @@
 """Checkpoint directories: the method's state_dict, the optimiser and step, and what built them.
 
 <dir>/model.pt        state_dict of the (unwrapped) method — everything a method is
-<dir>/train_state.pt  {"optimizer": ..., "step": int, "epoch": int}
-<dir>/meta.json       {"method": {...}, "backbone": {...}, "image_size": int, "epoch", "step"}
+<dir>/train_state.pt  {"optimizer": ..., "step": int, "epoch": int, "epoch_step": int}
+<dir>/meta.json       {"method": {...}, "backbone": {...}, "image_size": int, "epoch", "step",
+                       "epoch_step"}
+`step` counts optimiser steps from the start of the run. A checkpoint taken at the end of an epoch
+has `epoch` = that epoch and `epoch_step` = 0; one taken inside an epoch (by time, by step count,
+or on a stop) has `epoch` = the epoch in progress and `epoch_step` = its steps already done.
+Checkpoints written before `epoch_step` existed were all taken at an epoch's end.
 Loading uses `weights_only=True`: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,16 +27,31 @@ from pipelines.train_loop import unwrap
 MODEL, TRAIN_STATE, META = "model.pt", "train_state.pt", "meta.json"
 
 
+class ResumePoint(NamedTuple):
+    """Where training goes on from: global step, epoch to run, steps of it already done."""
+    step: int
+    epoch: int
+    epoch_step: int
+
+
+def resume_point(meta: dict) -> ResumePoint:
+    """The point after a checkpoint with this meta (or train state)."""
+    if meta.get("epoch_step"):
+        return ResumePoint(int(meta["step"]), int(meta["epoch"]), int(meta["epoch_step"]))
+    return ResumePoint(int(meta["step"]), int(meta["epoch"]) + 1, 0)
+
+
 def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, step: int,
-         epoch: int, build_info: dict) -> None:
-    """Write a checkpoint directory; `build_info` = {"method", "backbone", "image_size"}."""
+         epoch: int, build_info: dict, epoch_step: int = 0) -> None:
+    """Write a checkpoint directory; `build_info` = {"method", "backbone", "image_size"};
+    `epoch_step` > 0 marks a checkpoint inside epoch `epoch`, after that many of its steps."""
     os.makedirs(path, exist_ok=True)
     torch.save(unwrap(model).state_dict(), os.path.join(path, MODEL))
+    at = {"step": step, "epoch": epoch, "epoch_step": epoch_step}
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
-                   os.path.join(path, TRAIN_STATE))
+        torch.save({"optimizer": optimizer.state_dict(), **at}, os.path.join(path, TRAIN_STATE))
     with open(os.path.join(path, META), "w") as f:
-        json.dump({**build_info, "step": step, "epoch": epoch}, f, indent=2)
+        json.dump({**build_info, **at}, f, indent=2)
 
 
 def read_meta(path: str) -> dict:
@@ -59,11 +80,11 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.
 
 
 def load_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     map_location: str | torch.device = "cpu") -> tuple[int, int]:
-    """Restore model and optimiser in place; return (step, epoch) of the checkpoint."""
+                     map_location: str | torch.device = "cpu") -> ResumePoint:
+    """Restore model and optimiser in place; return where training goes on from."""
     state = torch.load(os.path.join(path, MODEL), map_location=map_location, weights_only=True)
     unwrap(model).load_state_dict(state)
     train = torch.load(os.path.join(path, TRAIN_STATE), map_location=map_location,
                        weights_only=True)
     optimizer.load_state_dict(train["optimizer"])
-    return int(train["step"]), int(train["epoch"])
+    return resume_point(train)

@@ -42,14 +42,51 @@ class TrainConfig:
     torch_threads: int = param(0, ge=0, help="intra-op threads per worker; 0: CPUs on the node / workers")
     sync_batchnorm: bool = param(False, help="SyncBatchNorm across workers (global BN)")
     checkpoint_every: int = param(5, ge=1, help="epochs between checkpoints (the last is always saved)")
-    keep_checkpoints: int = param(2, ge=1)
+    checkpoint_every_minutes: float = param(
+        10.0, ge=0, help="also checkpoint mid-epoch when this many minutes passed since the last "
+                         "checkpoint (0: off); a stop (SIGTERM, Ctrl-C) always saves one")
+    checkpoint_every_steps: int = param(0, ge=0, help="also checkpoint every N steps (0: off)")
+    keep_checkpoints: int = param(2, ge=1, help="the newest checkpoints kept, mid-epoch ones "
+                                                "included")
     max_failures: int = param(0, ge=-1, help="worker-group restarts from the last checkpoint")
     controller_failure_limit: int = param(3, ge=0, help="retries of a worker group that cannot start")
-    log_every: int = param(10, ge=1, help="steps between TensorBoard scalars")
+    log_every: int = param(10, ge=1, help="steps between TensorBoard scalars, and between the "
+                                          "workers' checks for a due checkpoint or a stop")
+    progress_every_s: float = param(30.0, ge=0, help="seconds between progress lines inside an "
+                                                     "epoch (0: off)")
+    progress_every_steps: int = param(0, ge=0, help="steps between progress lines inside an "
+                                                    "epoch (0: off)")
+    max_steps: int = param(0, ge=0, help="stop after this many optimiser steps in all (0: no cap), "
+                                         "e.g. a smoke run on big data; the lr schedule, warm-up "
+                                         "and ETA use the capped total")
     shuffle_buffer: int = param(1024, ge=0, help="rows in each worker's local shuffle buffer")
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's length: `epochs` passes of `steps_per_epoch` steps, cut at `total` steps."""
+    steps_per_epoch: int
+    epochs: int
+    total: int
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps of epoch `epoch` (the last one is short when `max_steps` cuts it)."""
+        return min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
+
+    @property
+    def warmup_epoch(self) -> int:
+        """An epoch's steps as warm-up counts them: a run cut to less than an epoch is one."""
+        return min(self.steps_per_epoch, self.total)
+
+
+def plan_run(steps_per_epoch: int, cfg: TrainConfig) -> Plan:
+    """`cfg.epochs` epochs of `steps_per_epoch` steps, capped at `cfg.max_steps` in all."""
+    total = steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    return Plan(steps_per_epoch, -(-total // steps_per_epoch), total)
 
 
 @dataclass
@@ -99,23 +136,28 @@ def prepare_module(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
+StepHook = Callable[[int, float, torch.Tensor, dict], bool]
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
                 cfg: TrainConfig, *, step: int, total_steps: int, steps_per_epoch: int,
-                device: torch.device, on_step_end: Callable[[int, float, dict], None] | None = None
-                ) -> EpochStats:
-    """One pass over `batches` (at most `steps_per_epoch`); `step` is the global step at entry.
+                device: torch.device, steps: int | None = None,
+                on_step_end: StepHook | None = None) -> EpochStats:
+    """One pass over `batches`, at most `steps` (>= 1) long (default `steps_per_epoch`, which sets
+    the warm-up); `step` is the global step at entry.
 
-    Losses and metrics accumulate on the device and are read back every `cfg.log_every` steps
-    (and at the end), so a GPU is not synchronised after every step.
+    Losses and metrics accumulate on the device and are read back at the end, so a GPU is not
+    synchronised after every step. `on_step_end(step, lr, loss, metrics)` runs after every step
+    with the step count so far and the step's detached tensors (reading them synchronises a GPU:
+    the hook does it every few steps); it returns True to end the pass there.
     """
     method = unwrap(model)
     model.train()
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    steps = steps_per_epoch if steps is None else steps
     loss_sum, sums, n_images, n_steps = torch.zeros((), device=device), {}, 0, 0
     start = time.perf_counter()
     for batch in batches:
-        if n_steps == steps_per_epoch:
-            break
         batch = to_device(batch, device, cfg.channels_last)
         lr = lr_at(step, total_steps, warmup, cfg.scaled_lr(), cfg.final_lr_ratio)
         set_lr(optimizer, lr)
@@ -132,8 +174,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         n_images += next(iter(batch.values())).shape[0]
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-        if on_step_end is not None and step % cfg.log_every == 0:
-            on_step_end(step, lr, {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}})
+        if (on_step_end is not None and on_step_end(step, lr, loss.detach(), metrics)) \
+                or n_steps == steps:
+            break
     seconds = time.perf_counter() - start
     n = max(n_steps, 1)
     return EpochStats(float(loss_sum) / n if n_steps else float("nan"), n_steps, n_images, seconds,
@@ -156,12 +199,12 @@ def fit_plain(model: nn.Module, views: Callable, images: np.ndarray, cfg: TrainC
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     model = prepare_module(model, cfg)
-    steps_per_epoch = len(images) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
+    plan = plan_run(len(images) // cfg.batch_size, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     history = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(plan.epochs):
         history.append(train_epoch(model, optimizer, iterate_views(images, views, cfg.batch_size, g),
-                                   cfg, step=epoch * steps_per_epoch, total_steps=total,
-                                   steps_per_epoch=steps_per_epoch, device=device))
+                                   cfg, step=epoch * plan.steps_per_epoch, total_steps=plan.total,
+                                   steps_per_epoch=plan.warmup_epoch,
+                                   steps=plan.epoch_steps(epoch), device=device))
     return history
