@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from benchmarks.common import load_average, ratio, summary, write_result
+from methods.augment import from_hwc
 from methods.views import AugmentConfig, TwoViews, new_generator
 
 SIDES = ("ray", "loader_same", "loader_tv2", "ray_identity")
@@ -80,7 +81,7 @@ class BatchViews(Dataset):
     def __getitem__(self, indices: list[int]) -> dict:
         chunk = torch.from_numpy(self.images[indices])  # (B, S, S, 3), a copy
         with torch.no_grad():
-            return self.views(chunk.permute(0, 3, 1, 2).contiguous(), new_generator())
+            return self.views(from_hwc(chunk), new_generator())
 
 
 class ImageViews(Dataset):

@@ -26,8 +26,14 @@ from benchmarks.common import RESULTS_DIR, ROOT, load_average, machine
 START, END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
 README = ROOT / "README.md"
 OUT = ROOT / "outputs" / "methods_table"
-ORDER = ["simclr", "moco_v1", "moco_v2", "moco_v3", "cpc", "dino", "mae",
-         "rotnet", "relative_loc", "jigsaw", "inpainting", "colorization", "split_brain"]
+
+
+def method_order() -> list[str]:
+    """Every registered method that ships a config, in registration order (methods/__init__.py):
+    a new method's row appears without a change here."""
+    import methods
+    return [m for m in methods.METHODS if (ROOT / "configs" / f"{m}.yaml").exists()]
+
 BASELINES = ("Raw pixels, linear probe on digits: 0.970; random-init ResNet-18, linear: 0.80 "
              "(../shared/REFERENCES.md, measured on this machine).")
 
@@ -81,7 +87,8 @@ def _fmt_pretext(p: dict) -> str:
 
 
 def render(results: dict) -> str:
-    rows = [results["methods"][m] for m in ORDER if m in results["methods"]]
+    order = method_order()
+    rows = [results["methods"][m] for m in order if m in results["methods"]]
     lines = ["| method | data | pretext metric (random init) | kNN top-1 | linear top-1 | "
              "random init: kNN / linear | beats random init | minutes (`selfsup run`) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -142,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS_DIR / "methods.json"
     results = json.loads(path.read_text()) if path.exists() else {"methods": {}}
     if not args.render:
-        chosen = args.only.split(",") if args.only else ORDER
-        unknown = sorted(set(chosen) - set(ORDER))
+        order = method_order()
+        chosen = args.only.split(",") if args.only else order
+        unknown = sorted(set(chosen) - set(order))
         if unknown:
-            raise SystemExit(f"--only: unknown method(s) {unknown}; choose from {', '.join(ORDER)}")
+            raise SystemExit(f"--only: unknown method(s) {unknown}; choose from {', '.join(order)}")
         results["machine"] = machine()
         for method in chosen:
             print(f"{method}: training and evaluating ...", flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -388,6 +389,14 @@ def fit_size(images: Tensor, size: int) -> Tensor:
 
 
 # ---------------------------------------------------------------- dtype
+
+def from_hwc(images) -> Tensor:
+    """Images (N, H, W, C), NumPy or torch, as the contiguous tensor (N, C, H, W) every method
+    takes, dtype kept. Contiguous, not a permuted view: a channels_last input made torch 2.14.1's
+    oneDNN convolution backward corrupt the heap at resnet_small's small widths."""
+    x = images if isinstance(images, Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return x.permute(0, 3, 1, 2).contiguous()
+
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 in [0, 255] -> float32 in [0, 1]."""

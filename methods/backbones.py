@@ -128,3 +128,14 @@ class SmallResNet(nn.Module):
 def resnet_small(cfg: BackboneConfig, image_size: int) -> tuple[nn.Module, int]:
     net = SmallResNet(cfg.width, cfg.small_stem)
     return net, net.dim
+
+
+def batchnorm_to_layernorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d replaced by layer normalisation over (C, H, W) of each sample
+    (GroupNorm with one group), with its own affine parameters: no statistics cross the batch."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(1, child.num_features, eps=child.eps))
+        else:
+            batchnorm_to_layernorm(child)
+    return module

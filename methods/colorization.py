@@ -122,21 +122,28 @@ class Colorization(SSLMethod):
             return torch.ones_like(self.prior_sum)
         return rebalance_weights(self.prior_sum, self.rebalance_lambda)
 
-    @torch.no_grad()
-    def _update_prior(self, ab: torch.Tensor) -> None:
-        self.prior_sum += all_reduce_mean_(ab_prior(ab.float(), self.bins, self.sigma))
-
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         out = self.predict(batch["L"])  # (B, Q or 2, h, w)
         ab = F.adaptive_avg_pool2d(batch["ab"], out.shape[-2:])  # (B, 2, h, w) targets
         if self.loss_kind == "regression":
             return F.mse_loss(out, ab / AB_RANGE), {}
-        if self.training:
-            self._update_prior(ab)
+        if self.training:  # the batch's colours join the prior in on_step
+            with torch.no_grad():
+                self.pending["prior"] = ab_prior(ab.float(), self.bins, self.sigma)  # (Q,)
         targets = encode_ab(ab.float(), self.bins, self.sigma, self.neighbours)
         weights = self.class_weights()[targets.argmax(1)]  # (B, h, w), of each nearest bin
         cross_entropy = -(targets * F.log_softmax(out.float(), 1)).sum(1)  # (B, h, w)
         return (weights * cross_entropy).mean(), {"ce": cross_entropy.detach().mean()}
+
+    @torch.no_grad()
+    def on_step(self, step: int, total_steps: int) -> None:
+        prior = self.pending.pop("prior", None)
+        if self.loss_kind == "classification":  # every worker, every step: a collective
+            self.prior_sum += all_reduce_mean_(torch.zeros_like(self.prior_sum) if prior is None
+                                               else prior)
+
+    def step_buffers(self) -> list[str]:
+        return ["prior_sum"] if self.loss_kind == "classification" else []
 
     @torch.no_grad()
     def pretext_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -153,11 +160,14 @@ class Colorization(SSLMethod):
                 "colorization/predicted": colorized(lightness, self.predict_ab(lightness)),
                 "colorization/truth": colorized(lightness, ab)}
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(lightness_input(lab_of(images)[:, :1]))  # (B, D)
 
 
-register("colorization", config=ColorizationConfig, model=Colorization,
-         views=lambda cfg, image_size: LabViews(cfg.crop_scale, cfg.flip_p, image_size),
-         paper="Zhang, Isola, Efros 2016, arXiv:1603.08511")
+def views(cfg: ColorizationConfig, image_size: int) -> LabViews:
+    return LabViews(cfg.crop_scale, cfg.flip_p, image_size)
+
+
+register("colorization", config=ColorizationConfig, model=Colorization, views=views,
+         paper="Zhang, Isola, Efros 2016, arXiv:1603.08511",
+         tiny={"backbone": {"width": 4}, "image_size": 16})

@@ -13,7 +13,6 @@ the teacher outperforms the student throughout training); for a ViT they are the
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,11 @@ from methods.distributed import all_reduce_mean_
 from methods.losses import dino_loss, dino_stats
 from methods.momentum import cosine_momentum, ema_update_, momentum_copy, warmup_value
 from methods.registry import register
-from methods.views import AugmentConfig, augment_view
+from methods.views import AugmentConfig, asymmetric, augment_view
+
+# Teacher entropy / log K of a uniform teacher. A healthy run on the digits config peaked at 0.90;
+# a collapsed one sat at log K from its 30th step.
+UNIFORM_TEACHER = 0.99
 
 
 @dataclass
@@ -59,9 +62,9 @@ class DINOConfig:
                                                help="blur of global crop 1, global crop 2, locals")
     solarize_p: tuple[float, float, float] = param((0.0, 0.2, 0.0))
     embed_teacher: bool = param(True, help="evaluate the teacher backbone (paper) or the student")
-    # DINO's jitter is (0.4, 0.4, 0.2, 0.1) with p = 0.8; here strength 0.5 gives saturation 0.4.
+    # DINO's jitter is BYOL's (0.4, 0.4, 0.2, 0.1) with p = 0.8: strength 0.5, saturation 0.2.
     aug: AugmentConfig = param(default_factory=lambda: AugmentConfig(
-        jitter_strength=0.5, jitter_p=0.8, gray_p=0.2))
+        jitter_strength=0.5, saturation=0.2, jitter_p=0.8, gray_p=0.2))
 
     def validate(self, prefix: str) -> None:
         for name in ("blur_p", "solarize_p"):
@@ -79,13 +82,12 @@ class MultiCrop:
     """images uint8 (B, 3, H, W) -> {"global0", "global1"}: (B, 3, S, S) and
     {"local0" .. "local<N-1>"}: (B, 3, s, s), uint8."""
 
-    def __init__(self, cfg: DINOConfig, image_size: int):
-        self.size, self.local_size, self.n_local = image_size, cfg.local_size, cfg.n_local
-        self.global_scale, self.local_scale = cfg.global_scale, cfg.local_scale
-        self.global_augs = [dataclasses.replace(cfg.aug, blur_p=cfg.blur_p[i],
-                                                solarize_p=cfg.solarize_p[i]) for i in range(2)]
-        self.local_aug = dataclasses.replace(cfg.aug, blur_p=cfg.blur_p[2],
-                                             solarize_p=cfg.solarize_p[2])
+    def __init__(self, augs: tuple[AugmentConfig, AugmentConfig, AugmentConfig],
+                 global_scale: tuple[float, float], local_scale: tuple[float, float],
+                 n_local: int, local_size: int, image_size: int):
+        self.size, self.local_size, self.n_local = image_size, local_size, n_local
+        self.global_scale, self.local_scale = global_scale, local_scale
+        self.global_augs, self.local_aug = augs[:2], augs[2]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = augment.to_float(images)
@@ -151,44 +153,60 @@ class DINO(SSLMethod):
                                                          dtype=torch.float64))
         self.register_buffer("last_layer_frozen", torch.tensor(cfg.freeze_last_layer_frac > 0))
 
-    def _student(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Crops of one size go through the student together: V x (B, 3, s, s) -> V x (B, K)."""
+    def _student(self, crops: list[torch.Tensor], sizes: int) -> list[torch.Tensor]:
+        """V crops x (B, 3, s, s) -> V x (B, K). The backbone takes the crops of each size
+        together; the head takes every crop's features in one call, so its BatchNorm (if any)
+        normalises over all crops, as the reference's MultiCropWrapper does."""
+        groups = [crops[:sizes], crops[sizes:]] if sizes < len(crops) else [crops]
+        features = torch.cat([self.backbone(normalize(torch.cat(g))) for g in groups])  # (V B, D)
         grad = 0.0 if bool(self.last_layer_frozen) else 1.0
-        logits = self.head(self.backbone(normalize(torch.cat(crops))), grad)  # (V * B, K)
-        return list(logits.chunk(len(crops)))
+        return list(self.head(features, grad).chunk(len(crops)))  # V x (B, K)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         global_crops = [batch["global0"], batch["global1"]]
         local_crops = [batch[f"local{i}"] for i in range(self.n_local)]
-        student_out = self._student(global_crops) + (self._student(local_crops) if local_crops
-                                                     else [])
+        student_out = self._student(global_crops + local_crops, sizes=len(global_crops))
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(normalize(torch.cat(global_crops))))
             teacher_out = list(teacher.chunk(2))  # 2 x (B, K)
+            # the centre moves in on_step, by this batch's mean teacher output
+            self.pending["center"] = teacher.mean(dim=0, keepdim=True)  # (1, K)
         teacher_temp = float(self.teacher_temp)
         loss = dino_loss(student_out, teacher_out, self.center, self.student_temp, teacher_temp)
         metrics = {**dino_stats(teacher_out, self.center, teacher_temp),
                    "teacher_temp": teacher_temp}
-        self._update_center(teacher_out)
         return loss, metrics
 
     @torch.no_grad()
-    def _update_center(self, teacher_out: list[torch.Tensor]) -> None:
-        """c <- m c + (1 - m) * mean of the teacher logits over the global batch (all workers)."""
-        batch_center = all_reduce_mean_(torch.cat(teacher_out).mean(dim=0, keepdim=True))  # (1, K)
-        m = self.center_momentum
-        self.center.mul_(m).add_(batch_center, alpha=1.0 - m)
-
     def on_step(self, step: int, total_steps: int) -> None:
         m = cosine_momentum(step, total_steps, self.base_momentum)
         ema_update_(self.teacher_backbone, self.backbone, m)
         ema_update_(self.teacher_head, self.head, m)
+        batch_center = self.pending.pop("center", None)
+        if batch_center is not None:  # c <- m c + (1 - m) * the mean over all workers' batches
+            batch_center = all_reduce_mean_(batch_center)
+            self.center.mul_(self.center_momentum).add_(batch_center,
+                                                        alpha=1.0 - self.center_momentum)
         start, end, warmup_frac = self.teacher_temps
         self.teacher_temp.fill_(warmup_value(step + 1, int(warmup_frac * total_steps), start, end))
         self.last_layer_frozen.fill_(step + 1 < int(self.freeze_last_layer_frac * total_steps))
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
+
+    def step_buffers(self) -> list[str]:
+        return ["center", "teacher_temp"]
+
+    @staticmethod
+    def collapse(metrics: dict[str, float]) -> str | None:
+        """A uniform teacher (entropy at log K, Caron et al. 2021, section 5.3): its features
+        can keep their spread and kNN, so the embedding checks miss it."""
+        ratio = metrics.get("teacher_entropy_ratio")
+        if ratio is not None and ratio >= UNIFORM_TEACHER:
+            return f"the teacher went uniform (entropy {ratio:.3f} of log K)"
+        return None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         net = self.teacher_backbone if self.embed_teacher else self.backbone
         return net(normalize(images))  # (B, D)
 
@@ -200,5 +218,13 @@ class DINO(SSLMethod):
         return out
 
 
-register("dino", config=DINOConfig, model=DINO, views=MultiCrop,
-         paper="Caron et al. 2021, arXiv:2104.14294")
+def views(cfg: DINOConfig, image_size: int) -> MultiCrop:
+    return MultiCrop(asymmetric(cfg.aug, cfg.blur_p, cfg.solarize_p), cfg.global_scale,
+                     cfg.local_scale, cfg.n_local, cfg.local_size, image_size)
+
+
+register("dino", config=DINOConfig, model=DINO, views=views,
+         paper="Caron et al. 2021, arXiv:2104.14294",
+         tiny={"method": {"out_dim": 16, "head_hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2,
+                          "local_size": 8, "freeze_last_layer_frac": 0.0},
+               "backbone": {"name": "vit_tiny", "depth": 1, "patch_size": 4}, "image_size": 16})

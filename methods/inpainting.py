@@ -56,22 +56,25 @@ class InpaintingConfig:
     adv_weight: float = param(0.001, ge=0, lt=1, tunable=True,
                               help="w of the adversarial term (paper 0.001; 0 turns it off)")
     disc_width: int = param(32, ge=4, help="width of the discriminator's first layer")
+    # Paper, section 5: "a higher learning rate for context encoder (10 times) to that of
+    # adversarial discriminator".
+    disc_lr_ratio: float = param(0.1, gt=0, help="discriminator lr / context encoder lr")
     crop_padding: int = param(0, ge=0, help="random translation by pad-and-crop (px)")
 
 
-def block_masks(batch: int, size: int, cfg: InpaintingConfig,
+def block_masks(batch: int, size: int, kind: str, block_fraction: float, num_blocks: int,
                 generator: torch.Generator) -> torch.Tensor:
     """The removed region (B, 1, S, S) uint8, 1 = removed."""
     mask = torch.zeros(batch, 1, size, size, dtype=torch.uint8)
-    if cfg.mask == "central":
-        side = max(1, round(cfg.block_fraction * size))
+    if kind == "central":
+        side = max(1, round(block_fraction * size))
         start = (size - side) // 2
         mask[..., start:start + side, start:start + side] = 1
         return mask
-    side = max(1, round(cfg.block_fraction * size / 2))
-    corners = torch.randint(0, size - side + 1, (batch, cfg.num_blocks, 2), generator=generator)
+    side = max(1, round(block_fraction * size / 2))
+    corners = torch.randint(0, size - side + 1, (batch, num_blocks, 2), generator=generator)
     span = torch.arange(size)
-    for k in range(cfg.num_blocks):
+    for k in range(num_blocks):
         rows = (span >= corners[:, k, 0, None]) & (span < corners[:, k, 0, None] + side)  # (B, S)
         cols = (span >= corners[:, k, 1, None]) & (span < corners[:, k, 1, None] + side)
         mask[:, 0] |= (rows[:, :, None] & cols[:, None, :]).to(torch.uint8)
@@ -83,13 +86,16 @@ class MaskedViews:
     (B, 1, S, S) 1 where removed, "masked": uint8 (B, 3, S, S) the image with the removed region
     filled with the mean colour}."""
 
-    def __init__(self, cfg: InpaintingConfig, image_size: int):
-        self.cfg, self.size = cfg, image_size
+    def __init__(self, mask: str, block_fraction: float, num_blocks: int, crop_padding: int,
+                 image_size: int):
+        self.mask, self.block_fraction, self.num_blocks = mask, block_fraction, num_blocks
+        self.padding, self.size = crop_padding, image_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image = random_translate(augment.fit_size(images, self.size), self.cfg.crop_padding,
+        image = random_translate(augment.fit_size(images, self.size), self.padding,
                                  generator=generator)
-        mask = block_masks(image.shape[0], self.size, self.cfg, generator)
+        mask = block_masks(image.shape[0], self.size, self.mask, self.block_fraction,
+                           self.num_blocks, generator)
         fill = torch.tensor(FILL, dtype=torch.uint8).view(1, 3, 1, 1)
         masked = torch.where(mask.bool(), fill, image)
         return {"image": image, "mask": mask, "masked": masked}
@@ -119,7 +125,7 @@ class ContextEncoder(SSLMethod):
     def __init__(self, cfg: InpaintingConfig, backbone: BackboneConfig, image_size: int):
         super().__init__()
         self.overlap, self.overlap_weight = cfg.overlap, cfg.overlap_weight
-        self.adv_weight = cfg.adv_weight
+        self.adv_weight, self.disc_lr_ratio = cfg.adv_weight, cfg.disc_lr_ratio
         self.backbone, _ = build_backbone(backbone, image_size)
         channels, stride = output_stride(self.backbone, 3, image_size)
         self.decoder = UpDecoder(channels, 3, upsampling_steps(stride, 1))
@@ -131,7 +137,8 @@ class ContextEncoder(SSLMethod):
 
     def _adversarial(self, image: torch.Tensor,
                      fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(generator term, discriminator term); each moves only its own player's parameters."""
+        """(generator term, discriminator term) on the predicted region, real against predicted;
+        each term moves only its own player's parameters."""
         d = self.discriminator
         frozen = {name: p.detach() for name, p in d.named_parameters()}
         fake_logit_g = functional_call(d, frozen, (normalize(fake),))  # (B, 1), D fixed
@@ -152,12 +159,20 @@ class ContextEncoder(SSLMethod):
         metrics = {"rec": rec.detach()}
         if self.discriminator is None:
             return rec, metrics
-        region = (weights > 0).float()
-        fake = image * (1 - region) + pred * region  # the prediction pasted into the context
+        # The discriminator sees only the predicted region, real or predicted, on the same grey
+        # surround (the reference shows it the central patch alone): a prediction pasted into its
+        # context would give itself away at the seam.
+        region = (weights > 0).float()  # (B, 1, S, S)
+        grey = torch.tensor(FILL, device=image.device).view(1, 3, 1, 1) / 255.0
+        real = image * region + grey * (1 - region)
+        fake = pred * region + grey * (1 - region)
         w = self.adv_weight
-        g_loss, d_loss = self._adversarial(image, fake)
+        g_loss, d_loss = self._adversarial(real, fake)
         loss = (1 - w) * rec + w * g_loss + d_loss
         return loss, {**metrics, "adv_g": g_loss.detach(), "adv_d": d_loss.detach()}
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"discriminator.": self.disc_lr_ratio}
 
     @torch.no_grad()
     def pretext_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -179,5 +194,10 @@ class ContextEncoder(SSLMethod):
                 "inpainting/filled": image * (1 - hole) + pred * hole}
 
 
-register("inpainting", config=InpaintingConfig, model=ContextEncoder, views=MaskedViews,
+def views(cfg: InpaintingConfig, image_size: int) -> MaskedViews:
+    return MaskedViews(cfg.mask, cfg.block_fraction, cfg.num_blocks, cfg.crop_padding, image_size)
+
+
+register("inpainting", config=InpaintingConfig, model=ContextEncoder, views=views,
+         tiny={"method": {"disc_width": 8}, "backbone": {"width": 4}, "image_size": 16},
          paper="Pathak, Krähenbühl, Donahue, Darrell, Efros 2016, arXiv:1604.07379")

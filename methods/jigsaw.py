@@ -29,7 +29,8 @@ from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import param
 from methods.heads import mlp
-from methods.patches import GRID, centred_grid, check_grid, crop_patches, sample_grid
+from methods.patches import (GRID, centred_grid, check_grid, check_grid_config, crop_patches,
+                             sample_grid)
 from methods.registry import register
 
 TILES = GRID * GRID  # 9
@@ -101,29 +102,31 @@ class JigsawViews:
     with p = permutation_set(N, seed)[permutation[b]], tiles[b, i] is the tile of grid cell p[i]
     (cells numbered row-major), so putting tiles[b, i] back in cell p[i] solves the puzzle."""
 
-    def __init__(self, cfg: JigsawConfig, image_size: int):
-        check_grid(image_size, cfg.tile_size, cfg.gap, cfg.jitter)
-        self.cfg, self.size = cfg, image_size
-        self.permutations = permutation_set(cfg.num_permutations, cfg.permutation_seed)
+    def __init__(self, tile_size: int, gap: int, jitter: int, permutations: torch.Tensor,
+                 image_size: int):
+        check_grid(image_size, tile_size, gap, jitter)
+        self.tile_size, self.gap, self.jitter, self.size = tile_size, gap, jitter, image_size
+        self.permutations = permutations  # (N, 9)
 
     def layout(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(corners (B, 9, 2) of the tiles in cell order, permutation indices (B,))."""
-        c = self.cfg
-        corners = sample_grid(batch, self.size, c.tile_size, c.gap, c.jitter, generator=generator)
-        return corners, torch.randint(0, c.num_permutations, (batch,), generator=generator)
+        corners = sample_grid(batch, self.size, self.tile_size, self.gap, self.jitter,
+                              generator=generator)
+        index = torch.randint(0, len(self.permutations), (batch,), generator=generator)
+        return corners, index
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         images = augment.fit_size(images, self.size)
         corners, index = self.layout(images.shape[0], generator)  # (B, 9, 2), (B,)
         perms = self.permutations[index]  # (B, 9)
         shuffled = corners.gather(1, perms[..., None].expand(-1, -1, 2))  # (B, 9, 2)
-        return {"tiles": crop_patches(images, shuffled, self.cfg.tile_size), "permutation": index}
+        return {"tiles": crop_patches(images, shuffled, self.tile_size), "permutation": index}
 
 
 class Jigsaw(SSLMethod):
     def __init__(self, cfg: JigsawConfig, backbone: BackboneConfig, image_size: int):
         super().__init__()
-        check_grid(image_size, cfg.tile_size, cfg.gap, cfg.jitter)
+        check_grid_config(image_size, cfg.tile_size, cfg.gap, cfg.jitter, "method.tile_size")
         self.tile_norm, self.tile_size, self.gap = cfg.tile_norm, cfg.tile_size, cfg.gap
         self.embed_pool = cfg.embed_pool
         self.backbone, dim = build_backbone(backbone, image_size)
@@ -148,8 +151,7 @@ class Jigsaw(SSLMethod):
         logits, labels = self.logits(batch)
         return {"permutation_acc": float((logits.argmax(1) == labels).float().mean())}
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         """The context-free network's tile features of the unshuffled image, averaged (B, D) or
         concatenated in cell order (B, 9 * D). The encoder only ever saw tiles (and its BatchNorm
         statistics are tile statistics), so it is read on the image's centred 3x3 grid of tiles."""
@@ -164,5 +166,13 @@ class Jigsaw(SSLMethod):
         return {"views/tiles": batch["tiles"][:n].flatten(0, 1)}  # 9 shuffled tiles per image
 
 
-register("jigsaw", config=JigsawConfig, model=Jigsaw, views=JigsawViews,
-         paper="Noroozi, Favaro 2016, arXiv:1603.09246")
+def views(cfg: JigsawConfig, image_size: int) -> JigsawViews:
+    check_grid_config(image_size, cfg.tile_size, cfg.gap, cfg.jitter, "method.tile_size")
+    return JigsawViews(cfg.tile_size, cfg.gap, cfg.jitter,
+                       permutation_set(cfg.num_permutations, cfg.permutation_seed), image_size)
+
+
+register("jigsaw", config=JigsawConfig, model=Jigsaw, views=views,
+         paper="Noroozi, Favaro 2016, arXiv:1603.09246",
+         tiny={"method": {"num_permutations": 10, "head_hidden_dim": 32}, "backbone": {"width": 4},
+               "image_size": 32})

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods import augment
 from methods.backbones import MEAN, STD, BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import ConfigError, param
 from methods.losses import mae_loss, patchify, unpatchify
 from methods.masking import num_visible, place_tokens, random_masking, take_tokens
 from methods.registry import register
-from methods.views import AugmentConfig, augment_view
+from methods.views import AugmentConfig, OneView
 from methods.vit import LAYER_NORM, ViT, blocks, sincos_2d
 
 
@@ -42,16 +41,6 @@ class MAEConfig:
     pool: str = param("mean", choices=("mean", "cls"), help="feature for evaluation")
     aug: AugmentConfig = param(default_factory=lambda: AugmentConfig(
         crop_scale=(0.2, 1.0), flip_p=0.5, jitter_strength=0.0, gray_p=0.0))
-
-
-class OneView:
-    """images uint8 (B, 3, H, W) -> {"view": uint8 (B, 3, size, size)}, one augmented view."""
-
-    def __init__(self, aug: AugmentConfig, image_size: int):
-        self.aug, self.size = aug, image_size
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"view": augment_view(augment.to_float(images), self.size, self.aug, generator)}
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +94,7 @@ class MAE(SSLMethod):
         loss = mae_loss(pred, patchify(x, self.patch), mask, self.norm_pix)
         return loss, {"mask_fraction": mask.float().mean()}
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.encode(self.backbone.patch_tokens(normalize(images)))  # (B, 1+L, D)
         return tokens[:, 1:].mean(dim=1) if self.pool == "mean" else tokens[:, 0]  # (B, D)
 
@@ -125,6 +113,11 @@ class MAE(SSLMethod):
                 "mae/reconstruction": _to_unit(recon)}
 
 
-register("mae", config=MAEConfig, model=MAE,
-         views=lambda cfg, image_size: OneView(cfg.aug, image_size),
-         paper="He, Chen, Xie, Li, Dollar, Girshick 2021, arXiv:2111.06377")
+def views(cfg: MAEConfig, image_size: int) -> OneView:
+    return OneView(cfg.aug, image_size)
+
+
+register("mae", config=MAEConfig, model=MAE, views=views,
+         paper="He, Chen, Xie, Li, Dollar, Girshick 2021, arXiv:2111.06377",
+         tiny={"method": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
+               "backbone": {"name": "vit_tiny", "depth": 1, "patch_size": 4}, "image_size": 16})

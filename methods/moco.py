@@ -102,7 +102,7 @@ class MoCo(SSLMethod):
                  else self._encode_keys(x_k))  # (B, C)
             k = F.normalize(k, dim=1)
         loss = info_nce(q, k, self.queue.keys.clone(), self.temperature)
-        self.queue.enqueue(all_gather_no_grad(k))  # (W * B, C): every worker's keys
+        self.pending["keys"] = k  # enqueued by on_step, once the step is taken
         with torch.no_grad():
             pos_sim = F.cosine_similarity(q, k).mean()
         return loss, {"pos_sim": pos_sim}
@@ -110,17 +110,31 @@ class MoCo(SSLMethod):
     def on_step(self, step: int, total_steps: int) -> None:
         ema_update_(self.backbone_k, self.backbone, self.momentum)
         ema_update_(self.head_k, self.head, self.momentum)
+        keys = self.pending.pop("keys", None)
+        if keys is not None:
+            self.queue.enqueue(all_gather_no_grad(keys))  # (W * B, C): every worker's keys
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone_k, self.backbone), (self.head_k, self.head)]
+
+    def step_buffers(self) -> list[str]:
+        return ["queue.keys", "queue.ptr"]
 
     def log_images(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = min(16, batch["view1"].shape[0])
         return {"views/query": batch["view1"][:n], "views/key": batch["view2"][:n]}
 
 
-def _views(cfg: MoCoV1Config, image_size: int) -> TwoViews:
+def views(cfg: MoCoV1Config, image_size: int) -> TwoViews:
     return TwoViews(cfg.aug, image_size)
 
 
-register("moco_v1", config=MoCoV1Config, model=MoCo, views=_views,
-         paper="He, Fan, Wu, Xie, Girshick 2019, arXiv:1911.05722")
-register("moco_v2", config=MoCoV2Config, model=MoCo, views=_views,
-         paper="Chen, Fan, Girshick, He 2020, arXiv:2003.04297")
+TINY_BACKBONE = {"name": "resnet_small", "width": 4}
+register("moco_v1", config=MoCoV1Config, model=MoCo, views=views,
+         paper="He, Fan, Wu, Xie, Girshick 2019, arXiv:1911.05722",
+         tiny={"method": {"queue_size": 16, "proj_dim": 8}, "backbone": TINY_BACKBONE,
+               "image_size": 16})
+register("moco_v2", config=MoCoV2Config, model=MoCo, views=views,
+         paper="Chen, Fan, Girshick, He 2020, arXiv:2003.04297",
+         tiny={"method": {"queue_size": 16, "proj_hidden_dim": 16, "proj_dim": 8},
+               "backbone": TINY_BACKBONE, "image_size": 16})

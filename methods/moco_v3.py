@@ -12,13 +12,12 @@ Features for evaluation are the backbone's CLS token, on which the loss is train
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from methods import augment
 from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
 from methods.config import ConfigError, param
@@ -26,7 +25,7 @@ from methods.heads import mlp
 from methods.losses import contrastive_batch_loss
 from methods.momentum import cosine_momentum, ema_update_, momentum_copy
 from methods.registry import register
-from methods.views import AugmentConfig, augment_view
+from methods.views import AugmentConfig, PairViews, asymmetric
 from methods.vit import ViT
 
 
@@ -43,8 +42,9 @@ class MoCoV3Config:
     freeze_patch_embed: bool = param(True, help="random, frozen ViT patch projection (sec. 4.2)")
     blur_p: tuple[float, float] = param((1.0, 0.1), help="blur probability of view 1, view 2")
     solarize_p: tuple[float, float] = param((0.0, 0.2), help="solarisation of view 1, view 2")
+    # BYOL's jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8: strength 0.5 and saturation 0.2.
     aug: AugmentConfig = param(default_factory=lambda: AugmentConfig(
-        crop_scale=(0.08, 1.0), jitter_strength=0.5, jitter_p=0.8, gray_p=0.2))
+        crop_scale=(0.08, 1.0), jitter_strength=0.5, saturation=0.2, jitter_p=0.8, gray_p=0.2))
 
     def validate(self, prefix: str) -> None:
         for name in ("blur_p", "solarize_p"):
@@ -53,22 +53,8 @@ class MoCoV3Config:
                 raise ConfigError(f"{prefix}.{name}: {values} must lie in [0, 1]")
 
 
-class PairViews:
-    """images uint8 (B, 3, H, W) -> {"view1", "view2"} with per-view blur and solarisation."""
-
-    def __init__(self, augs: tuple[AugmentConfig, AugmentConfig], image_size: int):
-        self.augs, self.size = augs, image_size
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = augment.to_float(images)
-        return {f"view{i + 1}": augment_view(x, self.size, aug, generator)
-                for i, aug in enumerate(self.augs)}
-
-
-def pair_views(cfg: MoCoV3Config, image_size: int) -> PairViews:
-    augs = tuple(dataclasses.replace(cfg.aug, blur_p=b, solarize_p=s)
-                 for b, s in zip(cfg.blur_p, cfg.solarize_p))
-    return PairViews(augs, image_size)
+def views(cfg: MoCoV3Config, image_size: int) -> PairViews:
+    return PairViews(asymmetric(cfg.aug, cfg.blur_p, cfg.solarize_p), image_size)
 
 
 class MoCoV3(SSLMethod):
@@ -80,7 +66,8 @@ class MoCoV3(SSLMethod):
             self.backbone.patch_embed.requires_grad_(False)
         self.projector = mlp(dim, cfg.proj_hidden_dim, cfg.proj_dim, num_layers=cfg.proj_layers,
                              last_batch_norm=True)
-        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, num_layers=2)
+        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, num_layers=2,
+                             last_bias=False)
         self.backbone_k = momentum_copy(self.backbone)
         self.projector_k = momentum_copy(self.projector)
 
@@ -102,10 +89,15 @@ class MoCoV3(SSLMethod):
         ema_update_(self.backbone_k, self.backbone, m)
         ema_update_(self.projector_k, self.projector, m)
 
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone_k, self.backbone), (self.projector_k, self.projector)]
+
     def log_images(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = min(16, batch["view1"].shape[0])
         return {"views/view1": batch["view1"][:n], "views/view2": batch["view2"][:n]}
 
 
-register("moco_v3", config=MoCoV3Config, model=MoCoV3, views=pair_views,
-         paper="Chen, Xie, He 2021, arXiv:2104.02057")
+register("moco_v3", config=MoCoV3Config, model=MoCoV3, views=views,
+         paper="Chen, Xie, He 2021, arXiv:2104.02057",
+         tiny={"method": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16},
+               "backbone": {"name": "vit_tiny", "depth": 1, "patch_size": 4}, "image_size": 16})

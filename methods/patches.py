@@ -29,13 +29,20 @@ def grid_extent(patch: int, gap: int) -> int:
 
 
 def check_grid(image_size: int, patch: int, gap: int, jitter: int) -> None:
-    """Raise ConfigError when a jittered grid does not fit in an image of `image_size` pixels."""
+    """Raise ValueError when a jittered grid does not fit in an image of `image_size` pixels."""
     need = grid_extent(patch, gap) + 2 * jitter
     if patch < 1 or gap < 0 or jitter < 0 or need > image_size:
-        raise ConfigError(f"method.patch_size: a 3x3 grid of {patch} px patches, gap {gap} px "
-                          f"and jitter {jitter} px needs {need} px but data.image_size is "
-                          f"{image_size}; lower method.patch_size, gap or jitter, or raise "
-                          f"data.image_size")
+        raise ValueError(f"a 3x3 grid of {patch} px patches, gap {gap} px and jitter {jitter} px "
+                         f"needs {need} px, more than the {image_size} px images")
+
+
+def check_grid_config(image_size: int, patch: int, gap: int, jitter: int, patch_key: str) -> None:
+    """`check_grid` for a config: ConfigError naming `patch_key` (the method's own key)."""
+    try:
+        check_grid(image_size, patch, gap, jitter)
+    except ValueError as e:
+        raise ConfigError(f"{patch_key}: {e}; lower {patch_key}, method.gap or method.jitter, "
+                          f"or raise data.image_size") from None
 
 
 def cell_offsets(patch: int, gap: int) -> Tensor:

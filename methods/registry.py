@@ -1,11 +1,11 @@
 """The method registry: one entry per SSL method, keyed by its lower-case name.
 
-A method file registers itself with `register(...)` at import time; `methods/__init__.py` imports
-every method file, so `METHODS` is complete once `methods` is imported.
+A method file registers itself with `register(...)` at import time; `methods.load_all()` imports
+every method file (the first use of `methods.METHODS` or `methods.get` calls it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from methods.config import ConfigError
@@ -13,29 +13,36 @@ from methods.config import ConfigError
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What the rest of selfsup needs to know about a method.
+    """Everything the rest of selfsup knows about a method; its file is the only place it is said.
 
     config: the method's dataclass (paper defaults, ranges, tunable flags).
-    model:  `model(cfg, backbone_cfg, image_size)` -> nn.Module with `forward(batch) -> (loss,
-            metrics)`, `on_step(step, total_steps)` and `embed(images) -> (B, D)`.
+    model:  the `SSLMethod` subclass, built as `model(cfg, backbone_cfg, image_size)`; its hooks
+            (methods/base.py) are all generic code may call.
     views:  `views(cfg, image_size)` -> picklable callable `(images uint8 (B, 3, H, W),
             generator) -> dict of batch-aligned tensors`; Ray Data runs it in CPU tasks.
     paper:  authors, year and arXiv id.
+    tiny:   the smallest config that still runs the method's real code, for the contract tests:
+            {"method": overrides, "backbone": overrides, "image_size": int}.
     """
     name: str
     config: type
-    model: Callable
+    model: type
     views: Callable
     paper: str
+    tiny: dict = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, config: type, model: Callable, views: Callable, paper: str) -> MethodSpec:
+def register(name: str, *, config: type, model: type, views: Callable, paper: str,
+             tiny: dict) -> MethodSpec:
     if name in METHODS:
         raise ValueError(f"method {name!r} is registered twice")
-    METHODS[name] = MethodSpec(name, config, model, views, paper)
+    unknown = set(tiny) - {"method", "backbone", "image_size"}
+    if unknown:
+        raise ValueError(f"method {name!r}: tiny has unknown keys {sorted(unknown)}")
+    METHODS[name] = MethodSpec(name, config, model, views, paper, dict(tiny))
     return METHODS[name]
 
 

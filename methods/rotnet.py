@@ -36,8 +36,8 @@ class RotationViews:
     rotations[b, i] is the (augmented) image b turned by rotation[b, i] quarter turns (counter-
     clockwise, as torch.rot90), each of the four turns once per image, in a random order."""
 
-    def __init__(self, cfg: RotNetConfig, image_size: int):
-        self.padding, self.flip_p, self.size = cfg.crop_padding, cfg.flip_p, image_size
+    def __init__(self, padding: int, flip_p: float, image_size: int):
+        self.padding, self.flip_p, self.size = padding, flip_p, image_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = random_translate(augment.fit_size(images, self.size), self.padding, generator=generator)
@@ -74,5 +74,11 @@ class RotNet(SSLMethod):
         return {"views/rotations": batch["rotations"][:n].flatten(0, 1)}
 
 
-register("rotnet", config=RotNetConfig, model=RotNet, views=RotationViews,
-         paper="Gidaris, Singh, Komodakis 2018, arXiv:1803.07728")
+def views(cfg: RotNetConfig, image_size: int) -> RotationViews:
+    return RotationViews(cfg.crop_padding, cfg.flip_p, image_size)
+
+
+register("rotnet", config=RotNetConfig, model=RotNet, views=views,
+         paper="Gidaris, Singh, Komodakis 2018, arXiv:1803.07728",
+         tiny={"method": {"crop_padding": 1, "flip_p": 0.0}, "backbone": {"width": 4},
+               "image_size": 16})

@@ -50,6 +50,11 @@ class SimCLR(SSLMethod):
         return {"views/view1": batch["view1"][:n], "views/view2": batch["view2"][:n]}
 
 
-register("simclr", config=SimCLRConfig, model=SimCLR,
-         views=lambda cfg, image_size: TwoViews(cfg.aug, image_size),
-         paper="Chen, Kornblith, Norouzi, Hinton 2020, arXiv:2002.05709")
+def views(cfg: SimCLRConfig, image_size: int) -> TwoViews:
+    return TwoViews(cfg.aug, image_size)
+
+
+register("simclr", config=SimCLRConfig, model=SimCLR, views=views,
+         paper="Chen, Kornblith, Norouzi, Hinton 2020, arXiv:2002.05709",
+         tiny={"method": {"proj_hidden_dim": 16, "proj_dim": 8},
+               "backbone": {"name": "resnet_small", "width": 4}, "image_size": 16})

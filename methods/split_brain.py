@@ -146,12 +146,15 @@ class SplitBrain(SSLMethod):
                 "split_brain/ab_to_L": colorized(l_full, ab),
                 "split_brain/truth": colorized(lightness, ab)}
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         lab = lab_of(images)  # (B, 3, S, S)
         return self.backbone(lightness_input(lab[:, :1]), ab_input(lab[:, 1:]))  # (B, D1 + D2)
 
 
-register("split_brain", config=SplitBrainConfig, model=SplitBrain,
-         views=lambda cfg, image_size: LabViews(cfg.crop_scale, cfg.flip_p, image_size),
-         paper="Zhang, Isola, Efros 2017, arXiv:1611.09842")
+def views(cfg: SplitBrainConfig, image_size: int) -> LabViews:
+    return LabViews(cfg.crop_scale, cfg.flip_p, image_size)
+
+
+register("split_brain", config=SplitBrainConfig, model=SplitBrain, views=views,
+         paper="Zhang, Isola, Efros 2017, arXiv:1611.09842",
+         tiny={"backbone": {"width": 8}, "image_size": 16})

@@ -1,12 +1,18 @@
-"""The SimCLR family's view augmentation, shared by SimCLR, MoCo v2/v3 and DINO.
+"""The SimCLR family's view augmentation and the view builders the methods share.
 
 Chen et al., SimCLR, 2020, arXiv:2002.05709, appendix A: random resized crop, horizontal flip,
 colour jitter (strength s; p = 0.8), random grayscale (p = 0.2), Gaussian blur (p = 0.5 on
-ImageNet, none on CIFAR, appendix B.9). MoCo v2 (arXiv:2003.04297) adds the blur; BYOL/DINO add
-solarisation. Every image of a batch draws its own parameters (methods/augment.py).
+ImageNet, none on CIFAR, appendix B.9). MoCo v2 (arXiv:2003.04297) adds the blur; BYOL (Grill et
+al., 2020, arXiv:2006.07733, appendix B) adds solarisation, asymmetric blur and solarisation
+between its two views, and a weaker saturation jitter (0.2), which MoCo v3 and DINO keep. Every
+image of a batch draws its own parameters (methods/augment.py).
+
+A method's views are built as `views(cfg, image_size)`; the builders here (`OneView`,
+`TwoViews`, `PairViews`) take the augmentation settings they use, never a whole method config.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -21,6 +27,8 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = param((0.08, 1.0), help="area fraction range of the crop")
     flip_p: float = param(0.5, ge=0, le=1, help="horizontal flip probability")
     jitter_strength: float = param(0.5, ge=0, help="colour jitter strength s (CIFAR 0.5, ImageNet 1.0)")
+    saturation: float | None = param(None, ge=0, help="saturation jitter (None: 0.8 s as SimCLR; "
+                                                      "BYOL, MoCo v3 and DINO use 0.2)")
     jitter_p: float = param(0.8, ge=0, le=1)
     gray_p: float = param(0.2, ge=0, le=1)
     blur_p: float = param(0.0, ge=0, le=1, help="Gaussian blur probability (ImageNet 0.5)")
@@ -50,7 +58,8 @@ def augment_view(images: torch.Tensor, size: int, cfg: AugmentConfig, generator:
                                     generator=generator)
     x = augment.random_hflip(x, cfg.flip_p, generator=generator)
     if s > 0 and cfg.jitter_p > 0:
-        x = augment.color_jitter(x, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, cfg.jitter_p,
+        saturation = 0.8 * s if cfg.saturation is None else cfg.saturation
+        x = augment.color_jitter(x, 0.8 * s, 0.8 * s, saturation, 0.2 * s, cfg.jitter_p,
                                  generator=generator)
     if cfg.gray_p > 0:
         x = augment.random_grayscale(x, cfg.gray_p, generator=generator)
@@ -61,13 +70,38 @@ def augment_view(images: torch.Tensor, size: int, cfg: AugmentConfig, generator:
     return augment.to_uint8(x)
 
 
-class TwoViews:
-    """images uint8 (B, 3, H, W) -> {"view1", "view2"}: uint8 (B, 3, size, size) each."""
+class OneView:
+    """images uint8 (B, 3, H, W) -> {"view": uint8 (B, 3, size, size)}, one augmented view."""
 
     def __init__(self, aug: AugmentConfig, image_size: int):
         self.aug, self.size = aug, image_size
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"view": augment_view(augment.to_float(images), self.size, self.aug, generator)}
+
+
+class PairViews:
+    """images uint8 (B, 3, H, W) -> {"view1", "view2"}: uint8 (B, 3, size, size), view i drawn
+    with augs[i] (BYOL's asymmetric pair: different blur and solarisation per view)."""
+
+    def __init__(self, augs: tuple[AugmentConfig, AugmentConfig], image_size: int):
+        self.augs, self.size = tuple(augs), image_size
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = augment.to_float(images)
-        return {"view1": augment_view(x, self.size, self.aug, generator),
-                "view2": augment_view(x, self.size, self.aug, generator)}
+        return {f"view{i + 1}": augment_view(x, self.size, aug, generator)
+                for i, aug in enumerate(self.augs)}
+
+
+class TwoViews(PairViews):
+    """images uint8 (B, 3, H, W) -> {"view1", "view2"}: two views of the same augmentation."""
+
+    def __init__(self, aug: AugmentConfig, image_size: int):
+        super().__init__((aug, aug), image_size)
+
+
+def asymmetric(aug: AugmentConfig, blur_p: tuple[float, ...], solarize_p: tuple[float, ...]
+               ) -> tuple[AugmentConfig, ...]:
+    """One AugmentConfig per view: `aug` with view i's blur and solarisation probabilities."""
+    return tuple(dataclasses.replace(aug, blur_p=b, solarize_p=s)
+                 for b, s in zip(blur_p, solarize_p))

@@ -23,7 +23,7 @@ import yaml
 import methods
 from methods.backbones import BackboneConfig
 from methods.config import ConfigError, build, param, to_dict as dataclass_to_dict
-from orchestrator.search_space import SweepConfig, check_space
+from orchestrator.search_space import SweepConfig, check_space, set_dotted
 from orchestrator.storage import check_storage_path
 from pipelines.data import DataConfig
 from pipelines.sources import inspect_source
@@ -145,19 +145,15 @@ def to_dict(cfg: ExperimentConfig) -> dict:
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """`["train.epochs=3", "eval.stages=[knn]"]` applied to a copy of `d`; values parsed as YAML."""
-    d = copy.deepcopy(d)
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.epochs=10")
-        node = d
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"--set {key}: {part} is a value, not a section")
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return d
+        try:
+            d = set_dotted(d, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
+    return copy.deepcopy(d)
 
 
 def read_yaml(path: str) -> dict:

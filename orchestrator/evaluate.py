@@ -32,13 +32,11 @@ def locate(path: str) -> tuple[str, str | None]:
     """(checkpoint directory, run folder or None) of a checkpoint or run path."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(os.path.join(path, ckpt.META)):
-        root = os.path.join(path, "checkpoints")
-        found = [os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                 if all(os.path.exists(os.path.join(root, d, f)) for f in (ckpt.MODEL, ckpt.META))]
+        found = ckpt.run_checkpoints(path, resumable=False)
         if not found:
             raise ConfigError(f"{path} is neither a checkpoint (no {ckpt.META}) nor a run folder "
                               f"with checkpoints/")
-        return max(found, key=lambda d: ckpt.read_meta(d)["step"]), path
+        return found[0], path
     run = os.path.dirname(os.path.dirname(path))
     return path, run if os.path.exists(os.path.join(run, "config.yaml")) else None
 

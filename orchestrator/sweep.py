@@ -32,8 +32,8 @@ from orchestrator.config import ExperimentConfig, dump_yaml, from_dict, to_dict
 from orchestrator.ray_env import init_ray
 from orchestrator.run import run_dir_of, run_experiment
 from orchestrator.search_space import Dimension, check_space, count_trials, set_dotted
-from orchestrator.sweep_results import (METRIC, TEACHER_ENTROPY, collect_rows, format_leaderboard,
-                                        is_collapsed, trial_status, write_outputs)
+from orchestrator.sweep_results import (METRIC, CollapseRule, collect_rows, format_leaderboard,
+                                        is_collapsed, method_metrics, trial_status, write_outputs)
 from orchestrator.tracking import read_records
 from pipelines.data import list_sources
 
@@ -180,14 +180,13 @@ def _finished_summary(run_dir: str, epochs: int) -> dict | None:
 
 
 class CollapseStopper(tune.Stopper):
-    """Stops a trial whose online embeddings collapsed (see sweep_results.is_collapsed)."""
+    """Stops a trial whose run collapsed (see sweep_results.CollapseRule)."""
 
-    def __init__(self, std_ratio: float, chance_top1: float | None):
-        self.std_ratio, self.chance_top1 = std_ratio, chance_top1
+    def __init__(self, rule: CollapseRule):
+        self.rule = rule
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return not result.get("completed") and is_collapsed(result, self.std_ratio,
-                                                            self.chance_top1)
+        return not result.get("completed") and is_collapsed(result, self.rule)
 
     def stop_all(self) -> bool:
         return False
@@ -196,8 +195,8 @@ class CollapseStopper(tune.Stopper):
 class ProgressPrinter(tune.Callback):
     """One line per trial result, and one when a trial ends, with its status."""
 
-    def __init__(self, keys: list[str], std_ratio: float, chance_top1: float | None):
-        self.keys, self.std_ratio, self.chance_top1 = keys, std_ratio, chance_top1
+    def __init__(self, keys: list[str], rule: CollapseRule):
+        self.keys, self.rule = keys, rule
 
     def _label(self, trial) -> str:
         values = "  ".join(f"{k}={trial.config.get(k)}" for k in self.keys)
@@ -205,15 +204,16 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if METRIC in result and not result.get("completed"):
-            teacher = (f"  teacher entropy/log K {result[TEACHER_ENTROPY]:.3f}"
-                       if TEACHER_ENTROPY in result else "")
+            reason = self.rule.reason(result)
+            own = "  ".join(f"{k} {v:.3f}" for k, v in method_metrics(result).items())
             print(f"{self._label(trial)}  epoch {result.get('epochs_done')}/{result.get('epochs')}"
                   f"  {METRIC} {result.get(METRIC, float('nan')):.4f}  embed_std_ratio "
-                  f"{result.get('embed_std_ratio', float('nan')):.3f}{teacher}", flush=True)
+                  f"{result.get('embed_std_ratio', float('nan')):.3f}" + (f"  {own}" if own else "")
+                  + (f"  collapsed: {reason}" if reason else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
-        status = trial_status("TERMINATED", last, self.std_ratio, self.chance_top1)
+        status = trial_status("TERMINATED", last, self.rule)
         print(f"{self._label(trial)}  {status}  {METRIC} {last.get(METRIC, float('nan')):.4f}",
               flush=True)
 
@@ -230,15 +230,16 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def chance_top1(cfg: ExperimentConfig, classes: list[str]) -> float | None:
-    """1/classes + sweep.collapse_knn_margin: a kNN top-1 this low means collapsed features."""
-    if cfg.sweep.collapse_knn_margin is None or not classes:
-        return None
-    return 1 / len(classes) + cfg.sweep.collapse_knn_margin
+def collapse_rule(cfg: ExperimentConfig, classes: list[str]) -> CollapseRule:
+    """The sweep's collapse checks; a kNN top-1 of 1/classes + sweep.collapse_knn_margin or less
+    means collapsed features."""
+    margin = cfg.sweep.collapse_knn_margin
+    chance = None if margin is None or not classes else 1 / len(classes) + margin
+    return CollapseRule(cfg.sweep.collapse_std_ratio, chance, cfg.method_name)
 
 
 def _tuner(cfg: ExperimentConfig, dims: list[Dimension], trainable, sweep_dir: str,
-           res: TrialResources, chance: float | None):
+           res: TrialResources, rule: CollapseRule):
     s = cfg.sweep
     scheduler = FIFOScheduler() if s.scheduler == "none" else ASHAScheduler(
         time_attr="epochs_done", max_t=cfg.train.epochs, reduction_factor=s.reduction_factor,
@@ -250,8 +251,8 @@ def _tuner(cfg: ExperimentConfig, dims: list[Dimension], trainable, sweep_dir: s
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep_dir, verbose=0,
-            stop=CollapseStopper(s.collapse_std_ratio, chance),
-            callbacks=[ProgressPrinter([d.key for d in dims], s.collapse_std_ratio, chance)]))
+            stop=CollapseStopper(rule),
+            callbacks=[ProgressPrinter([d.key for d in dims], rule)]))
 
 
 def experiment_dict(cfg: ExperimentConfig) -> dict:
@@ -294,7 +295,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
     _prepare(cfg, sweep_dir, resume)
     init_ray(cfg.cluster, verbose)
     # listed once here, in Ray tasks, and read back by every trial
-    chance = chance_top1(cfg, list_sources(cfg.data, listing_dir(sweep_dir)))
+    rule = collapse_rule(cfg, list_sources(cfg.data, listing_dir(sweep_dir)))
     res = trial_resources(cfg, ray.cluster_resources())
     if res.concurrent > max(res.fits, 1):
         log(f"warning: sweep.max_concurrent_trials={res.concurrent} but the cluster fits "
@@ -308,10 +309,10 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
                              resources=res), _driver_resources(cfg.sweep.driver_cpus))
     tune_dir = os.path.join(sweep_dir, TUNE_DIR)
     tuner = (tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
-             if resume else _tuner(cfg, dims, trainable, sweep_dir, res, chance))
+             if resume else _tuner(cfg, dims, trainable, sweep_dir, res, rule))
     tuner.fit()
     rows = collect_rows(tune.ExperimentAnalysis(tune_dir).trials, sweep_dir,
-                        [d.key for d in dims], cfg.sweep.collapse_std_ratio, chance)
+                        [d.key for d in dims], rule)
     write_outputs(sweep_dir, rows, [d.key for d in dims])
     return rows
 

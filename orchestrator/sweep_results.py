@@ -4,8 +4,8 @@ Trials are ranked on the online kNN top-1 (Wu et al., 2018, arXiv:1805.01978), n
 which is not comparable across temperatures, queue sizes or masking ratios. A trial is
 `collapsed` when its normalised embeddings lost their spread (SimSiam's per-dimension std, Chen &
 He, 2021, arXiv:2011.10566: `embed_std_ratio` ~1 healthy, ~0 collapsed), its kNN is at chance, or
-its method reports a uniform DINO teacher (entropy at log K, Caron et al., 2021, arXiv:2104.14294,
-section 5.3), which the embedding checks can miss: the backbone's features keep their spread.
+its method's own `collapse` hook says so from the method's epoch metrics (DINO: a uniform teacher,
+which the embedding checks can miss since the backbone's features keep their spread).
 """
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 
+import methods
 from orchestrator.tracking import read_records
 from orchestrator.train import latest_checkpoint
 
 METRIC = "knn_top1"  # Tune's result key
 ONLINE, SPREAD = "online/knn_top1", "online/embed_std_ratio"  # their leaderboard columns
-TEACHER_ENTROPY = "method/teacher_entropy_ratio"  # DINO's teacher entropy / log K, Tune's key
-# Entropy / log K of a uniform teacher. A healthy run on the digits config peaked at 0.90; the
-# collapsed one sat at log K from its 30th step.
-UNIFORM_TEACHER = 0.99
+METHOD_PREFIX = "method/"  # Tune's keys of the method's own epoch metrics
 
 
 def _number(v) -> float | None:
@@ -31,17 +30,34 @@ def _number(v) -> float | None:
     return float(v) if ok else None
 
 
-def is_collapsed(result: dict, std_ratio: float, chance_top1: float | None) -> bool:
-    """Embedding spread below `std_ratio`, kNN top-1 at or below `chance_top1`, or a uniform
-    teacher (a method metric; only DINO reports it)."""
-    ratio, knn = _number(result.get("embed_std_ratio")), _number(result.get(METRIC))
-    entropy = _number(result.get(TEACHER_ENTROPY))
-    return ((ratio is not None and ratio < std_ratio)
-            or (chance_top1 is not None and knn is not None and knn <= chance_top1)
-            or (entropy is not None and entropy >= UNIFORM_TEACHER))
+def method_metrics(result: dict) -> dict[str, float]:
+    """The method's own epoch metrics in a Tune result, by their names in `forward`."""
+    return {k[len(METHOD_PREFIX):]: float(v) for k, v in result.items()
+            if k.startswith(METHOD_PREFIX) and _number(v) is not None}
 
 
-def trial_status(tune_status: str, last: dict, std_ratio: float, chance_top1: float | None) -> str:
+@dataclass(frozen=True)
+class CollapseRule:
+    """When a trial counts as collapsed: embedding spread below `std_ratio`, kNN top-1 at or
+    below `chance_top1` (None: not checked), or the method's `collapse` hook."""
+    std_ratio: float
+    chance_top1: float | None
+    method: str
+
+    def reason(self, result: dict) -> str | None:
+        ratio, knn = _number(result.get("embed_std_ratio")), _number(result.get(METRIC))
+        if ratio is not None and ratio < self.std_ratio:
+            return f"embeddings lost their spread (embed_std_ratio {ratio:.3f})"
+        if self.chance_top1 is not None and knn is not None and knn <= self.chance_top1:
+            return f"kNN top-1 {knn:.3f} at chance"
+        return methods.get(self.method).model.collapse(method_metrics(result))
+
+
+def is_collapsed(result: dict, rule: CollapseRule) -> bool:
+    return rule.reason(result) is not None
+
+
+def trial_status(tune_status: str, last: dict, rule: CollapseRule) -> str:
     """completed / early-stopped / collapsed / error, or unfinished for an interrupted sweep."""
     if tune_status == "ERROR":
         return "error"
@@ -49,7 +65,7 @@ def trial_status(tune_status: str, last: dict, std_ratio: float, chance_top1: fl
         return "unfinished"
     if last.get("completed"):
         return "completed"
-    return "collapsed" if is_collapsed(last, std_ratio, chance_top1) else "early-stopped"
+    return "collapsed" if is_collapsed(last, rule) else "early-stopped"
 
 
 def _cell(v):
@@ -102,12 +118,11 @@ def wall_seconds(trial) -> float | None:
     return sum(attempts) if attempts else None
 
 
-def trial_row(trial, sweep_dir: str, keys: list[str], std_ratio: float,
-              chance_top1: float | None) -> dict:
+def trial_row(trial, sweep_dir: str, keys: list[str], rule: CollapseRule) -> dict:
     """One leaderboard row from a Tune trial and its run folder `<sweep_dir>/<trial_id>`."""
     last = trial.last_result or {}
     run_dir = os.path.join(sweep_dir, trial.trial_id)
-    status = trial_status(trial.status, last, std_ratio, chance_top1)
+    status = trial_status(trial.status, last, rule)
     online = last if METRIC in last else _last_online(run_dir)
     return {"trial": trial.trial_id, "status": status,
             **{k: _cell(trial.config.get(k)) for k in keys},
@@ -129,9 +144,8 @@ def rank(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "_epochs"} for r in sorted(rows, key=key)]
 
 
-def collect_rows(trials, sweep_dir: str, keys: list[str], std_ratio: float,
-                 chance_top1: float | None) -> list[dict]:
-    return rank([trial_row(t, sweep_dir, keys, std_ratio, chance_top1) for t in trials])
+def collect_rows(trials, sweep_dir: str, keys: list[str], rule: CollapseRule) -> list[dict]:
+    return rank([trial_row(t, sweep_dir, keys, rule) for t in trials])
 
 
 def columns_of(rows: list[dict], keys: list[str]) -> list[str]:

@@ -79,7 +79,8 @@ def _restore(model, optimizer, device, candidates: list[str]) -> ckpt.ResumePoin
     checkpoint = ray.train.get_checkpoint()
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as ray_dir:
         dirs = sorted(([ray_dir] if ray_dir else []) + list(candidates),
-                      key=lambda d: ckpt.read_meta(d)["step"], reverse=True)
+                      key=lambda d: -1 if ckpt.step_of(d) is None else ckpt.step_of(d),
+                      reverse=True)
         for d in dirs:
             try:
                 return ckpt.load_train_state(d, model, optimizer, map_location=device)
@@ -100,6 +101,13 @@ def _report(record: dict, save: bool, model, optimizer, info: dict) -> None:
         ray.train.report(record)
 
 
+def seed_worker(seed: int, rank: int) -> None:
+    """Each worker's own random stream, from the run's seed and its rank. Called after the model
+    is built from the one seed (DDP then broadcasts rank 0's weights anyway): with the one seed
+    on every worker, every worker drew the same random numbers, e.g. MAE's masks."""
+    torch.manual_seed(seed * 1_000_003 + rank)
+
+
 def worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg, run_dir = from_dict(config["cfg"]), config["run_dir"]
@@ -111,6 +119,7 @@ def worker_loop(config: dict) -> None:
     if t.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
+    seed_worker(t.seed, rank)
     device = ray.train.torch.get_device()
     optimizer = build_optimizer(model, t)
     # Scanned by the worker, not passed from the driver: a worker group that Train restarts
@@ -292,21 +301,28 @@ def _fit_interruptibly(trainer: TorchTrainer, stop=None, log: Callable[[str], No
             done.set()
 
     threading.Thread(target=target, name="selfsup-fit", daemon=True).start()
+    # Ctrl-C as KeyboardInterrupt here, whatever handler an earlier library left (Tune's)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) \
+        if threading.current_thread() is threading.main_thread() else None
     signum, deadline = None, float("inf")
-    while time.monotonic() < deadline:
-        try:
-            if done.wait(0.5):
-                break
-        except (KeyboardInterrupt, Terminated) as e:
-            ctrl_c = isinstance(e, KeyboardInterrupt)
-            if stop is None or (signum is not None and ctrl_c):
-                raise
-            if signum is None:  # a repeated SIGTERM changes nothing
-                signum = signal.SIGINT if ctrl_c else signal.SIGTERM
-                stop.request.remote(signum.name)
-                deadline = time.monotonic() + STOP_GRACE_S
-                log(f"{signum.name}: saving a checkpoint at the current step, then stopping"
-                    + (" (Ctrl-C again to quit at once)" if ctrl_c else ""))
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if done.wait(0.5):
+                    break
+            except (KeyboardInterrupt, Terminated) as e:
+                ctrl_c = isinstance(e, KeyboardInterrupt)
+                if stop is None or (signum is not None and ctrl_c):
+                    raise
+                if signum is None:  # a repeated SIGTERM changes nothing
+                    signum = signal.SIGINT if ctrl_c else signal.SIGTERM
+                    stop.request.remote(signum.name)
+                    deadline = time.monotonic() + STOP_GRACE_S
+                    log(f"{signum.name}: saving a checkpoint at the current step, then stopping"
+                        + (" (Ctrl-C again to quit at once)" if ctrl_c else ""))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if signum is not None:
         raise Interrupted(signum, None)
     if "error" in box:
@@ -315,14 +331,8 @@ def _fit_interruptibly(trainer: TorchTrainer, stop=None, log: Callable[[str], No
 
 
 def checkpoint_candidates(run_dir: str) -> list[str]:
-    """Complete checkpoint directories of a run, newest (highest step) first."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint_")]
-    complete = [d for d in found if all(os.path.exists(os.path.join(d, f))
-                                        for f in (ckpt.MODEL, ckpt.TRAIN_STATE, ckpt.META))]
-    return sorted(complete, key=lambda d: ckpt.read_meta(d)["step"], reverse=True)
+    """Complete checkpoint directories of a run a restart can resume from, newest first."""
+    return ckpt.run_checkpoints(run_dir, resumable=True)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

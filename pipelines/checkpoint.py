@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -88,3 +89,33 @@ def load_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimiz
                        weights_only=True)
     optimizer.load_state_dict(train["optimizer"])
     return resume_point(train)
+
+
+def step_of(path: str) -> int | None:
+    """The step in a checkpoint's meta.json, or None when it cannot be read (an upload or a disk
+    that filled up half way): such a checkpoint is passed over, never a reason to fail."""
+    try:
+        return int(read_meta(path)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_checkpoints(run_dir: str, *, resumable: bool) -> list[str]:
+    """The complete checkpoint directories under `<run_dir>/checkpoints`, newest (highest step)
+    first. Complete: model and readable meta, and with `resumable` the optimiser state too (what
+    a restart needs; `selfsup eval` and the baseline's random-init checkpoint need no more)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    needed = (MODEL, META, TRAIN_STATE) if resumable else (MODEL, META)
+    found = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("checkpoint_") and all(os.path.exists(os.path.join(path, f))
+                                                  for f in needed):
+            step = step_of(path)
+            if step is None:
+                warnings.warn(f"skipping checkpoint {path}: its {META} cannot be read")
+            else:
+                found.append((step, path))
+    return [path for _, path in sorted(found, reverse=True)]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.augment import from_hwc
+from pipelines.stages.arrays import num_classes
 from pipelines.stages.knn import knn_predict
 
 
@@ -24,7 +26,7 @@ def embed_batches(method: nn.Module, batches: Iterable[dict], device: torch.devi
     """(features (N, D) on CPU, labels (N,)) of batches {"image": (n, S, S, 3) uint8, "label"}."""
     feats, labels = [], []
     for b in batches:
-        images = torch.as_tensor(np.asarray(b["image"])).permute(0, 3, 1, 2).to(device)
+        images = from_hwc(np.asarray(b["image"])).to(device)  # (n, 3, S, S)
         feats.append(method.embed(images).float().cpu())
         labels.append(torch.as_tensor(np.asarray(b["label"])).long())
     return torch.cat(feats), torch.cat(labels)
@@ -47,6 +49,6 @@ def online_eval(method: nn.Module, train_batches: Iterable[dict], test_batches: 
         xte, yte = embed_batches(method, test_batches, device)
     finally:
         method.train(was_training)
-    classes = int(max(ytr.max(), yte.max())) + 1
+    classes = num_classes(ytr.numpy(), yte.numpy())
     pred = knn_predict(xtr, ytr, xte, k, temperature, classes)
     return {"knn_top1": float((pred == yte).float().mean()), **collapse_stats(xte)}

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from methods.base import unwrap
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose per-layer step is scaled by eta * ||w|| / ||g + wd * w||."""
@@ -45,13 +47,19 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weights get weight decay (and LARS adaptation); biases and norm parameters (ndim <= 1) don't."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """Weights get weight decay (and LARS adaptation); biases and norm parameters (ndim <= 1)
+    don't. Each group also carries the method's learning-rate multiplier (`lr_scales`) as
+    "lr_scale", which `set_lr` applies."""
+    method = unwrap(model)
+    scales = method.lr_scales() if hasattr(method, "lr_scales") else {}
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in method.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+            scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((p.ndim <= 1, scale), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if flat else weight_decay, "lr_scale": scale,
+             **({"lars": False} if flat else {})}
+            for (flat, scale), params in sorted(groups.items(), key=lambda kv: kv[0])]
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
@@ -80,4 +88,4 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

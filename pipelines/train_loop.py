@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from methods.augment import from_hwc
 from methods.config import param
 from pipelines.optim import lr_at, make_optimizer, set_lr
 
@@ -188,8 +189,7 @@ def iterate_views(images: np.ndarray, views: Callable, batch_size: int,
     """In-process stand-in for the Ray Data view pipeline: shuffled batches of fresh views."""
     order = torch.randperm(len(images), generator=generator).numpy()
     for i in range(0, len(order) - batch_size + 1, batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(images[order[i:i + batch_size]]))
-        yield views(chunk.permute(0, 3, 1, 2).contiguous(), generator)
+        yield views(from_hwc(images[order[i:i + batch_size]]), generator)
 
 
 def fit_plain(model: nn.Module, views: Callable, images: np.ndarray, cfg: TrainConfig,

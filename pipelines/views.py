@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import ray
 import torch
 
+from methods.augment import from_hwc
 from methods.views import new_generator
 
 
@@ -21,9 +21,8 @@ class ViewsUDF:
         self.views = views
 
     def __call__(self, batch: dict) -> dict:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))  # (n, S, S, 3), a copy
         with torch.no_grad():
-            out = self.views(images.permute(0, 3, 1, 2).contiguous(), new_generator())
+            out = self.views(from_hwc(batch["image"]), new_generator())  # (n, 3, S, S) in
         return {k: v.numpy() for k, v in out.items()}
 
 

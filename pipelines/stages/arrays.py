@@ -16,3 +16,8 @@ def labeled_arrays(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images, labels, keys = np.concatenate(images), np.concatenate(labels), np.concatenate(keys)
     order = np.argsort(keys, kind="stable")
     return images[order], labels[order], keys[order]
+
+
+def num_classes(*labels: np.ndarray) -> int:
+    """Classes spanned by label arrays (0..C-1): the largest label seen, plus one."""
+    return max(int(y.max()) for y in labels if len(y)) + 1

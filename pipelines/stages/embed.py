@@ -14,6 +14,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
+from methods.augment import from_hwc
 from pipelines.checkpoint import load_model
 from pipelines.stages.registry import StageContext, register_stage
 
@@ -26,8 +27,7 @@ class Embedder:
         self.model, _ = load_model(checkpoint, map_location=self.device)
 
     def __call__(self, batch: dict) -> dict:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))  # (n, S, S, 3)
-        images = images.permute(0, 3, 1, 2).to(self.device)
+        images = from_hwc(batch["image"]).to(self.device)  # (n, 3, S, S)
         with torch.no_grad():
             features = self.model.embed(images).float().cpu().numpy()  # (n, D)
         return {"feature": features, **{k: v for k, v in batch.items() if k != "image"}}

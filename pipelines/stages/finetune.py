@@ -4,15 +4,12 @@ The fine-tuning protocol of SimCLR (Chen, Kornblith, Norouzi, Hinton, 2020, arXi
 appendix B.5) at CPU size: AdamW, a small lr for the encoder and a larger one for the head, cosine
 decay, a few epochs (`eval.finetune`). Scored once on the test split.
 
-The encoder as a trainable function of images is `finetune_features(images)` when a method
-defines it; otherwise it is the body of the method's own `embed` run with gradients on (`embed` is
-wrapped by `torch.no_grad`; `inspect.unwrap` gives the undecorated function), so fine-tuning sees
-exactly the input path the frozen stages see (lightness only for colorization, patches for CPC,
-the teacher for DINO).
+The encoder as a trainable function of images is the method's `features` hook, whose no-grad
+form is `embed`, so fine-tuning sees exactly the input path the frozen stages see (lightness only
+for colorization, patches for CPC, the teacher for DINO).
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Callable
 
@@ -21,19 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.augment import from_hwc
 from pipelines.checkpoint import load_model
+from pipelines.stages.arrays import num_classes
 from pipelines.stages.config import FinetuneConfig
 from pipelines.stages.registry import StageContext, register_stage
-
-
-def trainable_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images uint8 (B, 3, H, W) -> features (B, D), differentiable w.r.t. the encoder."""
-    hook = getattr(model, "finetune_features", None)
-    return hook if hook is not None else inspect.unwrap(type(model).embed).__get__(model)
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, S, S)
 
 
 def _optimizer(model: nn.Module, head: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -48,8 +37,8 @@ def _new_head(model: nn.Module, features: Callable, sample: torch.Tensor, num_cl
     model.requires_grad_(True).eval()
     out = features(sample)  # (n, D)
     if not out.requires_grad:
-        raise TypeError(f"{type(model).__name__}: its embed path gives no gradient; define "
-                        f"finetune_features(images) on the method to fine-tune it")
+        raise TypeError(f"{type(model).__name__}.features gives no gradient; it must be the "
+                        f"differentiable form of embed for the method to be fine-tuned")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Linear(out.shape[1], num_classes)
@@ -62,8 +51,8 @@ def finetune(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_class
     Runs max(epochs, enough epochs for `min_steps`) passes; `model` is changed in place.
     """
     g = torch.Generator().manual_seed(seed)
-    features = trainable_features(model)
-    x, y = _to_tensor(images), torch.from_numpy(labels)
+    features = model.features
+    x, y = from_hwc(images), torch.from_numpy(labels)
     head = _new_head(model, features, x[:2], num_classes, seed)
     model.train()
     batch = min(cfg.batch_size, len(x))
@@ -90,8 +79,8 @@ def finetune(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_class
 @torch.no_grad()
 def accuracy(model: nn.Module, head: nn.Module, images: np.ndarray, labels: np.ndarray,
              batch_size: int = 256) -> float:
-    features = trainable_features(model)
-    x = _to_tensor(images)
+    features = model.features
+    x = from_hwc(images)
     preds = [head(features(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
     return float((torch.cat(preds).numpy() == labels).mean())
 
@@ -101,9 +90,9 @@ def finetune_and_score(checkpoint: str, train: tuple[np.ndarray, np.ndarray],
                        seed: int) -> tuple[dict, nn.Module, nn.Module]:
     """Fine-tune a fresh copy of the checkpoint's model; ({"top1", "final_loss"}, model, head)."""
     (xtr, ytr), (xte, yte) = train, test
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    classes = num_classes(ytr, yte)
     model, _ = load_model(checkpoint)
-    head, losses = finetune(model, xtr, ytr, num_classes, cfg, seed)
+    head, losses = finetune(model, xtr, ytr, classes, cfg, seed)
     return {"top1": accuracy(model, head, xte, yte), "final_loss": losses[-1]}, model, head
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.stages.arrays import num_classes
 from pipelines.stages.registry import StageContext, register_stage
 
 
@@ -32,9 +33,9 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 def knn_top1(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
              k: int, temperature: float) -> float:
     (xtr, ytr), (xte, yte) = train, test
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    classes = num_classes(ytr, yte)
     pred = knn_predict(torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), k,
-                       temperature, num_classes)
+                       temperature, classes)
     return float((pred.numpy() == yte).mean())
 
 

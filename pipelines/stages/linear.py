@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.stages.config import LinearConfig
+from pipelines.stages.arrays import num_classes
 from pipelines.stages.registry import StageContext, register_stage
 
 PROBE = "probe.pt"
@@ -107,16 +108,16 @@ def _val_scores(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, 
 def linear_probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                  cfg: LinearConfig, seed: int = 0) -> tuple[dict, nn.Module]:
     (xtr, ytr), (xte, yte) = train, test
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    classes = num_classes(ytr, yte)
     splits = validation_splits(ytr, cfg, seed)
     grid = [(lr, wd) for lr in cfg.lrs for wd in cfg.weight_decays]
     scores = {}  # (lr, wd) -> (mean validation accuracy, mean validation loss)
     for lr, wd in grid:
-        per_split = [_val_scores(fit_linear(xtr[fit], ytr[fit], num_classes, lr, wd, cfg, seed),
+        per_split = [_val_scores(fit_linear(xtr[fit], ytr[fit], classes, lr, wd, cfg, seed),
                                  xtr[val], ytr[val]) for fit, val in splits]
         scores[lr, wd] = tuple(float(np.mean(v)) for v in zip(*per_split))
     best = max(grid, key=lambda p: (scores[p][0], -scores[p][1]))
-    model = fit_linear(xtr, ytr, num_classes, *best, cfg, seed)
+    model = fit_linear(xtr, ytr, classes, *best, cfg, seed)
     return {"top1": accuracy(model, xte, yte), "val_top1": scores[best][0],
             "val_loss": scores[best][1], "best_lr": best[0], "best_weight_decay": best[1],
             "folds": len(splits)}, model

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipelines.stages.finetune import finetune_and_score
 from pipelines.stages.linear import accuracy, fit_linear
+from pipelines.stages.arrays import num_classes
 from pipelines.stages.registry import StageContext, register_stage
 
 
@@ -36,8 +37,8 @@ def tag(fraction: float) -> str:
 def _linear(ctx: StageContext, subset: np.ndarray) -> float:
     features = ctx.output("embed")
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
-    num_classes = int(max(ytr.max(), yte.max())) + 1
-    probe = fit_linear(xtr[subset], ytr[subset], num_classes, ctx.cfg.lowshot.linear_lr,
+    classes = num_classes(ytr, yte)
+    probe = fit_linear(xtr[subset], ytr[subset], classes, ctx.cfg.lowshot.linear_lr,
                        ctx.cfg.lowshot.linear_weight_decay, ctx.cfg.linear, ctx.seed)
     return accuracy(probe, xte, yte)
 

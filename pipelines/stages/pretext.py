@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import methods
+from methods.augment import from_hwc
 from methods.config import build
 from pipelines.checkpoint import load_model
 from pipelines.stages.registry import StageContext, register_stage
@@ -33,8 +34,7 @@ def pretext_scores(model: nn.Module, views: Callable, images: Iterable[np.ndarra
     sums: dict[str, float] = {}
     count = 0
     for batch in images:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
-        for key, value in model.pretext_metrics(views(x, generator)).items():
+        for key, value in model.pretext_metrics(views(from_hwc(batch), generator)).items():
             sums[key] = sums.get(key, 0.0) + float(value) * len(batch)
         count += len(batch)
     return {key: value / max(count, 1) for key, value in sums.items()}, count
@@ -59,7 +59,7 @@ def _batch_size(ctx: StageContext) -> dict:
 def run(ctx: StageContext) -> dict:
     model, meta = load_model(ctx.checkpoint)
     name = meta["method"]["name"]
-    if not hasattr(model, "pretext_metrics"):
+    if not model.has_pretext_task():
         return {"note": f"{name} has no pretext task to measure"}
     if ctx.splits.probe_test is None:
         return {"note": "no held-out split (give data.eval_source) to measure the pretext task on"}

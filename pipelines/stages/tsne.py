@@ -15,6 +15,7 @@ import torch
 
 from pipelines.checkpoint import read_meta
 from pipelines.stages.config import TSNEConfig
+from methods.augment import from_hwc
 from pipelines.stages.registry import StageContext, register_stage
 
 PROJECTOR_TAG = "test_features"  # the projector's folder is tensorboard/<step>/<tag>
@@ -59,7 +60,7 @@ def write_projector(logdir: str, features: np.ndarray, labels: np.ndarray, image
     """Features (N, D) with label metadata and thumbnails from images uint8 (N, S, S, 3)."""
     from torch.utils.tensorboard import SummaryWriter
     shutil.rmtree(os.path.join(logdir, f"{step:05d}", PROJECTOR_TAG), ignore_errors=True)
-    thumbs = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    thumbs = from_hwc(images).float() / 255.0
     meta = [names[c] if 0 <= c < len(names) else str(c) for c in labels.tolist()]
     with SummaryWriter(logdir) as writer:
         writer.add_embedding(torch.from_numpy(features), metadata=meta, label_img=thumbs,

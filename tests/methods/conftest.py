@@ -1,15 +1,15 @@
-"""Fixtures shared by the pretext-method tests (test_pretext_methods.py, test_pretext_labels.py):
-real images at each method's test size, digits or the scenes photographs for the colour methods."""
+"""Fixtures shared by the methods tests: real images at each method's tiny size, digits or the
+scenes photographs for the colour methods."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from pipelines.scenes import load_scenes
-from tests.methods.pretext_common import BATCH, COLOUR, SETUP
+from tests.methods.contract import resized
+from tests.methods.pretext_common import BATCH, COLOUR, tiny_size
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _resize(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> uint8 (N, 3, size, size), bilinear."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -45,5 +38,4 @@ def scenes(tmp_path_factory) -> np.ndarray:
 @pytest.fixture
 def images(request, digits, scenes):
     """Real images for `request.param` (a method name) at its test size."""
-    size = SETUP[request.param][0]
-    return _resize(scenes if request.param in COLOUR else digits, size)
+    return resized(scenes if request.param in COLOUR else digits, tiny_size(request.param))

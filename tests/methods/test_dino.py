@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from methods.backbones import BackboneConfig, normalize
 from methods.config import ConfigError, build
-from methods.dino import DINO, DINOConfig, DINOHead, MultiCrop
+from methods.dino import DINO, DINOConfig, DINOHead, views
 from methods.losses import dino_loss, dino_stats
 
 SMALL = {"out_dim": 16, "head_hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2,
@@ -26,14 +26,14 @@ def _dino(**overrides) -> DINO:
 def _batch(n: int = 4) -> dict[str, torch.Tensor]:
     images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    return MultiCrop(DINOConfig(**SMALL), 16)(images, torch.Generator().manual_seed(1))
+    return views(DINOConfig(**SMALL), 16)(images, torch.Generator().manual_seed(1))
 
 
 def test_multicrop_gives_two_global_and_n_local_crops():
     batch = _batch()
     assert sorted(batch) == ["global0", "global1", "local0", "local1"]
     assert batch["global0"].shape == (4, 3, 16, 16) and batch["local1"].shape == (4, 3, 8, 8)
-    fn = MultiCrop(DINOConfig(), 224)
+    fn = views(DINOConfig(), 224)
     assert [a.blur_p for a in fn.global_augs] == [1.0, 0.1] and fn.local_aug.blur_p == 0.5
     assert [a.solarize_p for a in fn.global_augs] == [0.0, 0.2]
 
@@ -67,10 +67,11 @@ def test_loss_metrics_and_centre_update():
     reference = copy.deepcopy(model)
     loss, metrics = model(batch)
     with torch.no_grad():
-        def student(keys):
-            x = normalize(torch.cat([batch[k] for k in keys]))
-            return list(reference.head(reference.backbone(x)).chunk(len(keys)))
-        s = student(["global0", "global1"]) + student(["local0", "local1"])
+        def features(keys):  # the backbone per crop size
+            return reference.backbone(normalize(torch.cat([batch[k] for k in keys])))
+        # the head once over every crop, as the reference's MultiCropWrapper
+        both = torch.cat([features(["global0", "global1"]), features(["local0", "local1"])])
+        s = list(reference.head(both).chunk(4))
         x = normalize(torch.cat([batch["global0"], batch["global1"]]))
         t = list(reference.teacher_head(reference.teacher_backbone(x)).chunk(2))
         expected = dino_loss(s, t, torch.zeros(1, 16), 0.1, 0.04)
@@ -78,7 +79,23 @@ def test_loss_metrics_and_centre_update():
     torch.testing.assert_close(loss.detach(), expected)
     assert metrics["teacher_entropy"] == pytest.approx(stats["teacher_entropy"], rel=1e-5)
     assert metrics["teacher_kl_uniform"] == pytest.approx(stats["teacher_kl_uniform"], rel=1e-5)
+    assert torch.equal(model.center, torch.zeros(1, 16)), "the centre moves in on_step"
+    model.on_step(0, 10)
     torch.testing.assert_close(model.center, 0.1 * torch.cat(t).mean(dim=0, keepdim=True))
+
+
+def test_the_head_normalises_over_every_crop_at_once():
+    """With BatchNorm in the head, one call over all crops (global and local) gives statistics
+    of the whole multi-crop batch, not of each crop size apart."""
+    model = _dino(freeze_last_layer_frac=0.0, head_batch_norm=True)
+    batch = _batch()
+    crops = [batch[k] for k in ("global0", "global1", "local0", "local1")]
+    got = model._student(crops, sizes=2)
+    with torch.no_grad():
+        apart = [model.head(model.backbone(normalize(torch.cat(c))))
+                 for c in (crops[:2], crops[2:])]
+    together = torch.cat([g.detach() for g in got])
+    assert not torch.allclose(together, torch.cat(apart), atol=1e-4)
 
 
 def test_last_layer_is_frozen_at_the_start():

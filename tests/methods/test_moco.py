@@ -11,7 +11,7 @@ from torch import nn
 from methods.backbones import BackboneConfig, normalize
 from methods.losses import contrastive_batch_loss, info_nce
 from methods.moco import MoCo, MoCoV1Config, MoCoV2Config, shuffled_bn_forward
-from methods.moco_v3 import MoCoV3, MoCoV3Config, pair_views
+from methods.moco_v3 import MoCoV3, MoCoV3Config, views as pair_views
 from methods.vit import ViT
 
 BACKBONE = BackboneConfig(name="resnet_small", width=4)
@@ -39,6 +39,8 @@ def test_moco_loss_is_info_nce_against_the_key_encoder_and_the_queue_then_enqueu
         k = F.normalize(reference.head_k(reference.backbone_k(normalize(batch["view2"]))), dim=1)
         expected = info_nce(q, k, queue_before, 0.2)
     torch.testing.assert_close(loss.detach(), expected)
+    assert torch.equal(model.queue.keys, queue_before), "the keys are enqueued in on_step"
+    model.on_step(0, 10)
     slots = [(ptr_before + i) % 10 for i in range(6)]
     torch.testing.assert_close(model.queue.keys[slots], k)
     untouched = [i for i in range(10) if i not in slots]

@@ -29,22 +29,17 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import methods
-from methods.backbones import BackboneConfig
-from methods.config import build
 from methods.distributed import all_gather_with_grad
+from tests.methods.contract import make, tiny_size, views_of
 
 WORLD = 2
 BATCH = 8  # global; BATCH // WORLD per worker
 STEPS = 2
-SIZE = 16
 SPAWN_TIMEOUT_S = 90
-CASES = {
-    "simclr": {"proj_hidden_dim": 16, "proj_dim": 8},
-    "moco_v2": {"queue_size": 12, "momentum": 0.9, "proj_hidden_dim": 16, "proj_dim": 8},
-    "dino": {"out_dim": 16, "head_hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2,
-             "local_size": 8, "base_momentum": 0.9, "freeze_last_layer_frac": 0.0},
-}
+# What each case needs on top of the method's registered tiny config: a queue that wraps in two
+# steps, momenta low enough for the encoders to move visibly.
+CASES = {"simclr": {}, "moco_v2": {"queue_size": 12, "momentum": 0.9},
+         "dino": {"base_momentum": 0.9, "freeze_last_layer_frac": 0.0}}
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -86,15 +81,11 @@ def to_global_bn(module: nn.Module) -> nn.Module:
 
 
 def _model(name: str) -> nn.Module:
-    spec = methods.get(name)
-    return spec.model(build(spec.config, CASES[name], "method"),
-                      BackboneConfig(name="resnet_small", width=4), SIZE)
+    return make(name, **CASES[name])[0]
 
 
 def _views(name: str, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    spec = methods.get(name)
-    fn = spec.views(build(spec.config, CASES[name], "method"), SIZE)
-    return fn(images, torch.Generator().manual_seed(seed))
+    return views_of(make(name, **CASES[name])[1], images, seed)
 
 
 def _train(name: str, state: dict, batches: list[dict], distributed: bool) -> dict:
@@ -137,11 +128,11 @@ def _worker(rank: int, init_file: str, tmp: str) -> None:
 def runs(tmp_path_factory) -> tuple[dict, dict, list[dict]]:
     """(inputs, the 1-worker results, the 2 workers' results) for every case."""
     tmp = tmp_path_factory.mktemp("multiworker")
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
     inputs = {}
     for name in CASES:
-        torch.manual_seed(0)
+        size = tiny_size(name)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8, generator=g)
         inputs[name] = {"state": _model(name).state_dict(),
                         "batches": [_views(name, images, seed) for seed in range(STEPS)]}
     torch.save(inputs, tmp / "inputs.pt")

@@ -16,7 +16,7 @@ from methods.jigsaw import permutation_set
 from methods.patches import CENTRE, NEIGHBOURS
 from methods.relative_loc import drop_colors
 from methods.split_brain import l_labels, nearest_bins
-from tests.methods.pretext_common import BACKBONE, BATCH, make, views_of
+from tests.methods.pretext_common import BATCH, make, tiny_backbone, views_of
 
 # tiny tensors gain nothing from threads (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,9 +192,12 @@ def test_inpainting_one_backward_gives_each_player_its_own_gradient(images):
     pred = model.reconstruct(batch["masked"])
     weights = loss_weights(batch["mask"], cfg.overlap, cfg.overlap_weight)
     rec = (weights * ((pred - image) ** 2).mean(1, keepdim=True)).sum() / weights.sum()
+    # the discriminator sees the predicted region only, real or predicted, on a grey surround
     region = (weights > 0).float()
-    fake = image * (1 - region) + pred * region
-    real_logit = model.discriminator(normalize(image))
+    grey = torch.tensor(FILL).view(1, 3, 1, 1) / 255
+    real = image * region + grey * (1 - region)
+    fake = pred * region + grey * (1 - region)
+    real_logit = model.discriminator(normalize(real))
     fake_logit = model.discriminator(normalize(fake))
     bce = F.binary_cross_entropy_with_logits
     g_objective = 0.8 * rec + 0.2 * bce(fake_logit, torch.ones_like(fake_logit))
@@ -222,11 +225,15 @@ def test_colorization_loss_is_rebalanced_cross_entropy_with_a_learned_prior(imag
     model, views, cfg = make("colorization")
     batch = views_of(views, images)
     assert float(model.prior_sum.sum()) == 0
-    loss, _ = model(batch)
+    model(batch)
+    assert float(model.prior_sum.sum()) == 0, "forward leaves the prior's update to on_step"
+    model.on_step(0, 10)
     out = model.predict(batch["L"]).detach()  # (B, Q, h, w)
     ab = F.adaptive_avg_pool2d(batch["ab"], out.shape[-2:])
     torch.testing.assert_close(model.prior_sum, ab_prior(ab, model.bins, cfg.sigma))
-    weights = rebalance_weights(model.prior_sum, cfg.rebalance_lambda)
+    loss, _ = model(batch)  # the next step is weighted by the prior seen so far
+    model.on_step(1, 10)
+    weights = rebalance_weights(ab_prior(ab, model.bins, cfg.sigma), cfg.rebalance_lambda)
     targets = encode_ab(ab, model.bins, cfg.sigma, cfg.neighbours)
     log_probs = out.log_softmax(1)
     total, count = 0.0, 0
@@ -238,6 +245,7 @@ def test_colorization_loss_is_rebalanced_cross_entropy_with_a_learned_prior(imag
     model.eval()
     before = model.prior_sum.clone()
     model(batch)
+    model.on_step(2, 10)
     assert torch.equal(model.prior_sum, before), "evaluation must not move the prior"
     assert "prior_sum" in model.state_dict()
 
@@ -264,6 +272,23 @@ def test_split_brain_targets_and_representation(images):
     lightness = torch.tensor([0.0, 1.99, 2.0, 50.0, 99.99, 100.0]).view(1, 1, 1, 6)
     assert l_labels(lightness, 50).tolist() == [[[0, 0, 1, 25, 49, 49]]]
     half = model.backbone.l_net(torch.zeros(2, 1, 16, 16)).shape[1]
-    assert half == 8 * BACKBONE.width // 2, "each half has half the width"
+    assert half == 8 * tiny_backbone("split_brain").width // 2, "each half has half the width"
     model.eval()
     assert model.embed(images).shape == (BATCH, 2 * half)
+
+
+def test_relative_loc_patches_never_touch_and_features_are_read_on_patches():
+    from methods.config import ConfigError, build
+    from methods.patches import centred_grid, crop_patches
+    from methods.relative_loc import RelativeLocConfig
+    with pytest.raises(ConfigError, match="method.gap: 2 px with jitter 1 px lets"):
+        build(RelativeLocConfig, {"gap": 2, "jitter": 1}, "method")
+    model, _, cfg = make("relative_loc")
+    model.eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    corners = centred_grid(2, 32, cfg.patch_size, cfg.gap)
+    patches = crop_patches(images, corners, cfg.patch_size).flatten(0, 1)  # (2 * 9, 3, p, p)
+    with torch.no_grad():
+        expected = model.backbone(normalize(patches)).view(2, 9, -1).mean(1)
+    torch.testing.assert_close(model.embed(images), expected)

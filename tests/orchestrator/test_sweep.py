@@ -17,8 +17,10 @@ from orchestrator.cli import main
 from orchestrator.config import apply_overrides, from_dict
 from orchestrator.sweep import (CollapseStopper, experiment_dict, run_sweep, trial_config,
                                 trial_resources, tune_result)
-from orchestrator.sweep_results import (collect_rows, format_leaderboard, is_collapsed,
-                                        trial_status, write_outputs)
+from orchestrator.sweep_results import (CollapseRule, collect_rows, format_leaderboard,
+                                        is_collapsed, trial_status, write_outputs)
+
+RULE = CollapseRule(0.05, None, "simclr")
 from orchestrator.tracking import read_records
 from tests.conftest import TINY
 
@@ -68,15 +70,20 @@ def test_gpu_trials_are_bounded_by_gpus(tmp_path):
      "early-stopped"),
 ])
 def test_status_of_a_terminated_trial(result, status):
-    assert trial_status("TERMINATED", result, 0.05, 0.12) == status
-    assert CollapseStopper(0.05, 0.12)("t", result) == (status == "collapsed")
+    rule = CollapseRule(0.05, 0.12, "dino")  # DINO's own hook reads its teacher entropy
+    assert trial_status("TERMINATED", result, rule) == status
+    assert CollapseStopper(rule)("t", result) == (status == "collapsed")
+    # a method without a collapse hook is judged on the embedding checks alone
+    plain = trial_status("TERMINATED", result, CollapseRule(0.05, 0.12, "simclr"))
+    assert plain == ("early-stopped" if "method/teacher_entropy_ratio" in result else status)
 
 
 def test_status_of_errored_and_interrupted_trials():
-    assert trial_status("ERROR", {"completed": True}, 0.05, None) == "error"
-    assert trial_status("RUNNING", {}, 0.05, None) == "unfinished"
-    assert trial_status("PENDING", {}, 0.05, None) == "unfinished"
-    assert not is_collapsed({"knn_top1": 0.1}, 0.05, None)  # chance check off
+    rule = CollapseRule(0.05, None, "simclr")
+    assert trial_status("ERROR", {"completed": True}, rule) == "error"
+    assert trial_status("RUNNING", {}, rule) == "unfinished"
+    assert trial_status("PENDING", {}, rule) == "unfinished"
+    assert not is_collapsed({"knn_top1": 0.1}, rule)  # chance check off
 
 
 def test_trial_config_applies_values_and_pins_the_trial_folder(tmp_path, monkeypatch):
@@ -139,7 +146,7 @@ def test_leaderboard_ranks_on_online_knn_and_records_every_trial(tmp_path):
                     "embed_std_ratio": 0.6, "completed": True}, 0.05, eval_top1=0.92),
     ]
     keys = ["method.temperature"]
-    rows = collect_rows(trials, str(tmp_path), keys, 0.05, 0.12)
+    rows = collect_rows(trials, str(tmp_path), keys, CollapseRule(0.05, 0.12, "simclr"))
     write_outputs(str(tmp_path), rows, keys)
     with open(tmp_path / "leaderboard.csv") as f:
         table = list(csv.DictReader(f))
@@ -167,7 +174,7 @@ def test_leaderboard_ranks_on_online_knn_and_records_every_trial(tmp_path):
 
 def test_interrupted_trial_row_takes_its_last_online_check_from_its_records(tmp_path):
     trial = _fake_trial(tmp_path, "t_0", "RUNNING", {"epochs_done": 3, "epochs": 4}, 0.1)
-    row = collect_rows([trial], str(tmp_path), ["method.temperature"], 0.05, None)[0]
+    row = collect_rows([trial], str(tmp_path), ["method.temperature"], RULE)[0]
     assert row["status"] == "unfinished" and row["online/knn_top1"] == 0.5
 
 
@@ -177,7 +184,7 @@ def test_wall_time_adds_up_every_attempt_of_a_trial(tmp_path):
     with open(os.path.join(trial.local_path, "result.json"), "w") as f:
         for iteration, seconds in ((1, 10.0), (2, 20.0), (1, 5.0), (2, 7.5)):  # resumed once
             f.write(json.dumps({"training_iteration": iteration, "time_total_s": seconds}) + "\n")
-    row = collect_rows([trial], str(tmp_path), ["method.temperature"], 0.05, None)[0]
+    row = collect_rows([trial], str(tmp_path), ["method.temperature"], RULE)[0]
     assert row["wall_s"] == 27.5
 
 
@@ -189,7 +196,7 @@ def test_best_is_the_top_completed_trial_and_tensorboard_has_hparams(tmp_path):
         _fake_trial(tmp_path, "t_1", "TERMINATED", {"epochs_done": 2, "epochs": 3, "knn_top1": 0.9,
                     "embed_std_ratio": 0.5}, 0.2),
     ]
-    rows = collect_rows(trials, str(tmp_path), ["method.temperature"], 0.05, None)
+    rows = collect_rows(trials, str(tmp_path), ["method.temperature"], RULE)
     write_outputs(str(tmp_path), rows, ["method.temperature"])
     assert json.loads((tmp_path / "best.json").read_text())["trial"] == "t_0"
     mux = EventMultiplexer()

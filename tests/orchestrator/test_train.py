@@ -221,3 +221,17 @@ def test_sigterm_checkpoints_the_running_epoch_and_the_same_command_resumes_it(t
     # the interrupted epoch's remaining steps ran, and nothing more
     assert (final["step"], final["epoch"], final["epoch_step"]) == (steps, 0, 0)
     assert [(r["epoch"], r["step"]) for r in read_records(run_dir)] == [(0, steps)]
+
+
+def test_every_worker_draws_its_own_random_numbers():
+    """One seed for the weights, then each rank its own stream: with one stream for all, every
+    worker drew the same MAE masks (and the same everything else random)."""
+    import torch
+    from methods.masking import random_masking
+    from orchestrator.train import seed_worker
+    masks = []
+    for rank in (0, 1, 0):
+        seed_worker(7, rank)
+        masks.append(random_masking(4, 16, 0.75, torch.device("cpu"))[1])
+    assert torch.equal(masks[0], masks[2]), "the same rank repeats its draws"
+    assert not torch.equal(masks[0], masks[1]), "two ranks draw different masks"

@@ -17,7 +17,8 @@ from pipelines.stages.cluster import cluster_scores
 from pipelines.stages.config import FinetuneConfig, KMeansConfig, LinearConfig, TSNEConfig
 from pipelines.stages.corruptions import LEVELS, corrupt
 from pipelines.stages.efficiency import count_parameters, inference_throughput
-from pipelines.stages.finetune import accuracy as finetune_accuracy, finetune, trainable_features
+from methods.base import SSLMethod
+from pipelines.stages.finetune import accuracy as finetune_accuracy, finetune
 from pipelines.stages.knn import knn_predict, knn_top1
 from pipelines.stages.linear import (accuracy as probe_accuracy, fit_linear, linear_probe,
                                      probe_from_state, stratified_folds, validation_splits)
@@ -168,17 +169,13 @@ def test_lowshot_subsets_are_stratified_reproducible_and_never_leave_a_class_out
 
 # fine-tuning -------------------------------------------------------------------------------------
 
-class TinyMethod(nn.Module):
-    """A method whose embed is wrapped in no_grad, like SSLMethod's."""
+class TinyMethod(SSLMethod):
+    """A method with the base class's features/embed hooks."""
 
     def __init__(self):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    @torch.no_grad()
-    def embed(self, images):
-        return self.backbone(images.float() / 255.0)  # (B, 4)
 
 
 def coloured_images(n_per_class: int, seed: int):
@@ -190,12 +187,12 @@ def coloured_images(n_per_class: int, seed: int):
     return x.astype(np.uint8), y.astype(np.int64)
 
 
-def test_finetuning_trains_the_encoder_through_its_no_grad_embed():
+def test_finetuning_trains_the_encoder_through_its_features_hook():
     torch.manual_seed(0)
     model = TinyMethod()
     before = [p.detach().clone() for p in model.backbone.parameters()]
     assert not model.embed(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).requires_grad
-    assert trainable_features(model)(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).requires_grad
+    assert model.features(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).requires_grad
     (xtr, ytr), (xte, yte) = coloured_images(20, 0), coloured_images(10, 1)
     cfg = FinetuneConfig(epochs=1, min_steps=60, lr=0.01, head_lr=0.05, batch_size=16)
     head, losses = finetune(model, xtr, ytr, 3, cfg, seed=0)
@@ -204,12 +201,11 @@ def test_finetuning_trains_the_encoder_through_its_no_grad_embed():
     assert finetune_accuracy(model, head, xte, yte) == 1.0
 
 
-def test_a_methods_finetune_features_hook_wins_over_embed():
+def test_features_without_a_gradient_path_cannot_be_fine_tuned():
     model = TinyMethod()
-    model.finetune_features = lambda images: torch.ones(len(images), 2)
-    assert trainable_features(model)(torch.zeros(3, 3, 8, 8)).shape == (3, 2)
+    model.features = lambda images: torch.ones(len(images), 2)
     images, labels = coloured_images(2, 0)
-    with pytest.raises(TypeError, match="finetune_features"):   # a hook with no gradient path
+    with pytest.raises(TypeError, match="features gives no gradient"):
         finetune(model, images, labels, 3, FinetuneConfig(), seed=0)
 
 
