@@ -29,6 +29,7 @@ def load_all() -> None:
     from methods import cpc  # noqa: F401
     from methods import dino  # noqa: F401
     from methods import mae  # noqa: F401
+    from methods import byol  # noqa: F401
     _loaded = True
 
 

@@ -5,6 +5,7 @@ info_nce                MoCo, He, Fan, Wu, Xie, Girshick, 2019, arXiv:1911.05722
 contrastive_batch_loss  MoCo v3, Chen, Xie, He, 2021, arXiv:2104.02057
 dino_loss, dino_stats   DINO, Caron et al., 2021, arXiv:2104.14294
 mae_loss, patchify      MAE, He, Chen, Xie, Li, Dollar, Girshick, 2021, arXiv:2111.06377
+byol_loss               BYOL, Grill et al., 2020, arXiv:2006.07733
 
 The contrastive losses draw negatives across workers through `methods.distributed`, which is a
 no-op at world size 1, so every loss runs in a unit test with no process group.
@@ -162,3 +163,15 @@ def unpatchify(x: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     x = x.reshape(b, side, side, patch, patch, channels)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
     return x.reshape(b, channels, side * patch, side * patch)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised mean squared error (Grill et al., 2020, arXiv:2006.07733, eq. 2):
+    ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z) per image, the target z without gradient.
+
+    p: (B, D) online predictions, z: (B, D) target projections of the other view. Computed in
+    float32 whatever the autocast. Returns the mean over B.
+    """
+    p = F.normalize(p.float(), dim=1)  # (B, D)
+    z = F.normalize(z.detach().float(), dim=1)  # (B, D)
+    return (2.0 - 2.0 * (p * z).sum(dim=1)).mean()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from methods.losses import (contrastive_batch_loss, dino_loss, dino_stats, info_nce, mae_loss,
-                            nt_xent, patchify, unpatchify)
+from methods.losses import (byol_loss, contrastive_batch_loss, dino_loss, dino_stats, info_nce,
+                            mae_loss, nt_xent, patchify, unpatchify)
 
 TEMPERATURES = [0.07, 0.2, 0.5, 1.0]
 
@@ -299,3 +299,26 @@ def test_patchify_rejects_sizes_that_do_not_tile():
         patchify(torch.zeros(1, 3, 10, 8), 4)
     with pytest.raises(ValueError, match="square"):
         unpatchify(torch.zeros(1, 6, 48), 4, 3)
+
+
+def naive_byol(p: torch.Tensor, z: torch.Tensor) -> float:
+    """Squared distance of each pair of unit vectors, averaged over images."""
+    total = 0.0
+    for row_p, row_z in zip(p.tolist(), z.tolist()):
+        norm_p, norm_z = math.sqrt(sum(x * x for x in row_p)), math.sqrt(sum(x * x for x in row_z))
+        total += sum((a / norm_p - b / norm_z) ** 2 for a, b in zip(row_p, row_z))
+    return total / len(p)
+
+
+def test_byol_loss_matches_naive_loop():
+    p, z = _rand(5, 7, seed=0), _rand(5, 7, seed=1)
+    assert byol_loss(p, z).item() == pytest.approx(naive_byol(p, z), rel=1e-6)
+
+
+def test_byol_loss_known_answers_and_gradient_to_the_prediction_only():
+    z = _rand(4, 6, seed=2)
+    assert byol_loss(3.0 * z, z).item() == pytest.approx(0.0, abs=1e-6)  # same direction
+    assert byol_loss(-z, z).item() == pytest.approx(4.0, rel=1e-6)        # opposite
+    p, target = _rand(4, 6, seed=3).requires_grad_(), z.clone().requires_grad_()
+    byol_loss(p, target).backward()
+    assert p.grad is not None and target.grad is None
