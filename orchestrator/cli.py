@@ -23,14 +23,15 @@ import time
 
 from methods.config import ConfigError
 
-# Modules that add subcommands; one line each.
-COMMANDS: list[str] = [
-    "orchestrator.evaluate",
-    "orchestrator.report",
-    "orchestrator.cluster",
-    "orchestrator.jobs",
-    "orchestrator.sweep",
-]
+# Modules that add subcommands, with the subcommands each adds; one line each. Only the module
+# of the command being run is imported, so e.g. `selfsup jobs list` never imports torch.
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "orchestrator.evaluate": ("eval", "baseline"),
+    "orchestrator.report": ("report",),
+    "orchestrator.cluster": ("cluster",),
+    "orchestrator.jobs": ("submit", "jobs"),
+    "orchestrator.sweep": ("sweep",),
+}
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; given the `command` to run, only that command's module is imported."""
     p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised learning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="pretrain a method and run its evaluation stages")
@@ -53,8 +55,9 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
     sub.add_parser("methods", help="list registered methods and their tunable hyperparameters"
                    ).set_defaults(handler=cmd_methods)
-    for module in COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+    for module, names in COMMANDS.items():
+        if command is None or command in names:
+            importlib.import_module(module).add_parser(sub)
     return p
 
 
@@ -148,7 +151,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     started = _process_start()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = parser(command).parse_args(argv)
     args.argv, args.started = argv, started
     try:
         return args.handler(args)

@@ -11,11 +11,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
-from orchestrator.config import ClusterConfig
 from orchestrator.storage import alive_hosts, check_shared
+
+if TYPE_CHECKING:  # the config module imports torch; `selfsup cluster` and `jobs` need neither
+    from orchestrator.config import ClusterConfig
 
 # Train V2 is the default since Ray 2.51; the environment variable makes that explicit.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
