@@ -143,3 +143,18 @@ def test_views_profile_and_readme_section(tmp_path):
     text = page.read_text()
     assert text.startswith("# title\n\nkept\n") and text.count(readme.START) == 1
     assert "## Benchmarks" in text and "Where a views task spends its time" in text
+
+
+def test_scale_folders_are_class_sorted_and_listed_alike_by_both_sides(tmp_path):
+    """The scale benchmark's folders and its listing comparison, at 60 files (the runs themselves
+    are `selfsup run` commands, exercised by the training tests)."""
+    from benchmarks import make_folders, scale
+    small = make_folders.make_folder(tmp_path / "small", 60, workers=1)
+    classes = sorted(d for d in (tmp_path / "small").iterdir() if d.is_dir())
+    assert len(classes) == 10 and all(len(list(c.iterdir())) == 6 for c in classes)
+    linked = make_folders.link_folder(small, tmp_path / "linked", 120)
+    assert sum(len(list(c.iterdir())) for c in (tmp_path / "linked").iterdir()
+               if c.is_dir()) == 120
+    listed = scale.listings({60: small, 120: linked})
+    assert listed["60"]["files"] == listed["60"]["torchvision_files"] == 60
+    assert listed["120"]["files"] == listed["120"]["torchvision_files"] == 120
