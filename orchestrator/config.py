@@ -1,6 +1,7 @@
 """The experiment config: every layer's typed section composed into one, validated before Ray.
 
-YAML is only its serialised form. `load_config(path, overrides)` reads the YAML with `safe_load`,
+YAML is only its serialised form. `load_config(path, overrides)` reads the YAML safely (a
+`SafeLoader` that reads `1e-3` as a number, as YAML 1.2 does),
 applies `--set dotted.key=value` overrides (values parsed as YAML, so `[knn,linear]` is a list),
 and builds the typed sections; any unknown key, wrong type or out-of-range value raises
 `ConfigError` naming the dotted key. Dicts cross process boundaries through `to_dict` /
@@ -14,6 +15,7 @@ where the job runs (`load_config(..., check_data=True)`, the default), before Ra
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +145,26 @@ def to_dict(cfg: ExperimentConfig) -> dict:
     return out
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that reads numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where an
+    exponent without a dot (`1e-3`, what users type for a learning rate) is a string."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text -> Python values, safely (no tags, no code), numbers as YAML 1.2."""
+    return yaml.load(text, Loader=YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """`["train.epochs=3", "eval.stages=[knn]"]` applied to a copy of `d`; values parsed as YAML."""
     for item in overrides:
@@ -150,7 +172,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.epochs=10")
         try:
-            d = set_dotted(d, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+            d = set_dotted(d, key.strip(), parse_yaml(raw) if raw.strip() else None)
         except ConfigError as e:
             raise ConfigError(f"--set {e}") from None
     return copy.deepcopy(d)
@@ -159,7 +181,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 def read_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            d = yaml.safe_load(f)
+            d = parse_yaml(f.read())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as e:

@@ -67,7 +67,7 @@ def test_bad_override_syntax():
 def test_round_trip_and_default_name(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"method": {"name": "simclr", "temperature": 0.2}}))
-    cfg = load_config(str(path), ["train.epochs=2"])
+    cfg = load_config(str(path), ["train.epochs=10"])
     assert cfg.output.name.startswith("simclr-") and cfg.output.dir == "outputs"
     again = from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg) and again.method.temperature == 0.2
@@ -129,3 +129,14 @@ def test_config_errors_do_not_start_ray():
     with pytest.raises(ConfigError):
         cfg_with("train.epochs=0")
     assert ray.is_initialized() == was
+
+
+def test_numbers_in_scientific_notation_are_numbers_everywhere(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string; a learning rate is typed that way."""
+    assert cfg_with("train.lr=1e-3").train.lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: simclr\ntrain:\n  lr: 3e-4\n  weight_decay: 1E-6\n"
+                    "sweep:\n  space:\n    train.lr: {loguniform: [1e-4, 1e-2]}\n")
+    cfg = load_config(str(path), ["train.epochs=10"])
+    assert (cfg.train.lr, cfg.train.weight_decay) == (3e-4, 1e-6)
+    assert cfg.sweep.space["train.lr"] == {"loguniform": [1e-4, 1e-2]}
