@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed-selfsup
 export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
 export GLOO_SOCKET_IFNAME ?= lo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-quick bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 # pytest exit code 5 means "no tests collected": not a failure of the suite.
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+# The same suite without the end-to-end tests marked slow (clusters, several commands each).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

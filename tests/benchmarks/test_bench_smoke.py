@@ -121,6 +121,7 @@ def test_memory_negatives_measures_each_case_in_its_own_process(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_gpu_readiness_records_each_option(tmp_path, ray_session):
     result = gpu_readiness.run(options=("bf16",), images=128, results_dir=tmp_path)
     assert read(tmp_path, "gpu_readiness")["options"].keys() == {"bf16"}

@@ -265,6 +265,7 @@ def session(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_token_cluster_submit_follow_stop_and_down(session):
     s = session
     processes = _cluster_up(s)
@@ -362,6 +363,7 @@ def test_data_only_the_cluster_sees_is_checked_in_the_job(cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_pip_installed_selfsup_submits_a_config_from_the_users_own_folder(cluster, tmp_path):
     # A non-editable install: the three packages copied, no pyproject.toml, found through
     # PYTHONPATH. Each process that imports the copy prints where from and its working folder.

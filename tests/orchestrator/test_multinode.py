@@ -137,6 +137,7 @@ def driver_env(c: LocalCluster) -> dict:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_workers_spread_over_nodes_and_augmentation_stays_on_the_data_node(cluster, tmp_path):
     worker_nodes = {n["node_id"] for n in cluster.nodes
                     if n is not cluster.head and n is not cluster.data_node}
@@ -174,6 +175,7 @@ def _wait_for_first_checkpoint(run_dir: str, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_killed_worker_node_resumes_from_the_last_checkpoint(cluster, tmp_path):
     epochs = 5
     run_dir = str(tmp_path / "fault")

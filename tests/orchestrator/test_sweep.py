@@ -255,6 +255,7 @@ def _starts(run_dir) -> int:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
     # two trials side by side: the short one finishes while the long one is mid-training
     cfg = sweep_cfg(tmp_path, "sweep.space={train.epochs: {grid: [1, 10]}}", "eval.stages=[]",

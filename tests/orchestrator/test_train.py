@@ -187,6 +187,7 @@ def _wait_for_checkpoint(run_dir: str, proc: subprocess.Popen, timeout: float = 
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_running_epoch_and_the_same_command_resumes_it(tmp_path):
     from orchestrator.train import latest_checkpoint
     from pipelines.checkpoint import read_meta
