@@ -18,12 +18,12 @@ from torch import nn
 
 from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
-from methods.config import ConfigError, param
+from methods.config import param
 from methods.heads import mlp
 from methods.losses import byol_loss
 from methods.momentum import cosine_momentum, ema_update_, momentum_copy
 from methods.registry import register
-from methods.views import AugmentConfig, PairViews, asymmetric
+from methods.views import AugmentConfig, PairViews, asymmetric, byol_aug, check_probabilities
 
 
 @dataclass
@@ -35,15 +35,10 @@ class BYOLConfig:
                                  help="tau of the target network at step 0; cosine to 1")
     blur_p: tuple[float, float] = param((1.0, 0.1), help="blur probability of view 1, view 2")
     solarize_p: tuple[float, float] = param((0.0, 0.2), help="solarisation of view 1, view 2")
-    # Appendix B: crop 0.08-1, flip, jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale 0.2.
-    aug: AugmentConfig = param(default_factory=lambda: AugmentConfig(
-        crop_scale=(0.08, 1.0), jitter_strength=0.5, saturation=0.2, jitter_p=0.8, gray_p=0.2))
+    aug: AugmentConfig = param(default_factory=byol_aug)
 
     def validate(self, prefix: str) -> None:
-        for name in ("blur_p", "solarize_p"):
-            values = list(getattr(self, name))
-            if not all(0.0 <= p <= 1.0 for p in values):
-                raise ConfigError(f"{prefix}.{name}: {values} must lie in [0, 1]")
+        check_probabilities(self, prefix)
 
 
 class BYOL(SSLMethod):

@@ -27,7 +27,7 @@ from methods.distributed import all_reduce_mean_
 from methods.losses import dino_loss, dino_stats
 from methods.momentum import cosine_momentum, ema_update_, momentum_copy, warmup_value
 from methods.registry import register
-from methods.views import AugmentConfig, asymmetric, augment_view
+from methods.views import AugmentConfig, asymmetric, augment_view, check_probabilities
 
 # Teacher entropy / log K of a uniform teacher. A healthy run on the digits config peaked at 0.90;
 # a collapsed one sat at log K from its 30th step.
@@ -67,10 +67,7 @@ class DINOConfig:
         jitter_strength=0.5, saturation=0.2, jitter_p=0.8, gray_p=0.2))
 
     def validate(self, prefix: str) -> None:
-        for name in ("blur_p", "solarize_p"):
-            values = list(getattr(self, name))
-            if not all(0.0 <= p <= 1.0 for p in values):
-                raise ConfigError(f"{prefix}.{name}: {values} must lie in [0, 1]")
+        check_probabilities(self, prefix)
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:

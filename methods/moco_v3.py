@@ -20,12 +20,12 @@ from torch import nn
 
 from methods.backbones import BackboneConfig, build_backbone, normalize
 from methods.base import SSLMethod
-from methods.config import ConfigError, param
+from methods.config import param
 from methods.heads import mlp
 from methods.losses import contrastive_batch_loss
 from methods.momentum import cosine_momentum, ema_update_, momentum_copy
 from methods.registry import register
-from methods.views import AugmentConfig, PairViews, asymmetric
+from methods.views import AugmentConfig, PairViews, asymmetric, byol_aug, check_probabilities
 from methods.vit import ViT
 
 
@@ -42,15 +42,10 @@ class MoCoV3Config:
     freeze_patch_embed: bool = param(True, help="random, frozen ViT patch projection (sec. 4.2)")
     blur_p: tuple[float, float] = param((1.0, 0.1), help="blur probability of view 1, view 2")
     solarize_p: tuple[float, float] = param((0.0, 0.2), help="solarisation of view 1, view 2")
-    # BYOL's jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8: strength 0.5 and saturation 0.2.
-    aug: AugmentConfig = param(default_factory=lambda: AugmentConfig(
-        crop_scale=(0.08, 1.0), jitter_strength=0.5, saturation=0.2, jitter_p=0.8, gray_p=0.2))
+    aug: AugmentConfig = param(default_factory=byol_aug)
 
     def validate(self, prefix: str) -> None:
-        for name in ("blur_p", "solarize_p"):
-            values = list(getattr(self, name))
-            if not all(0.0 <= p <= 1.0 for p in values):
-                raise ConfigError(f"{prefix}.{name}: {values} must lie in [0, 1]")
+        check_probabilities(self, prefix)
 
 
 def views(cfg: MoCoV3Config, image_size: int) -> PairViews:

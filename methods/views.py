@@ -41,6 +41,23 @@ class AugmentConfig:
                               f"0 < low <= high <= 1")
 
 
+def byol_aug() -> AugmentConfig:
+    """BYOL's view augmentation (Grill et al., 2020, appendix B), kept by MoCo v3: crop 0.08-1,
+    flip, jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale 0.2; the per-view blur and
+    solarisation come on top (`asymmetric`)."""
+    return AugmentConfig(crop_scale=(0.08, 1.0), jitter_strength=0.5, saturation=0.2,
+                         jitter_p=0.8, gray_p=0.2)
+
+
+def check_probabilities(cfg, prefix: str, names: tuple[str, ...] = ("blur_p", "solarize_p")
+                        ) -> None:
+    """ConfigError naming the key when a per-view probability lies outside [0, 1]."""
+    for name in names:
+        values = list(getattr(cfg, name))
+        if not all(0.0 <= p <= 1.0 for p in values):
+            raise ConfigError(f"{prefix}.{name}: {values} must lie in [0, 1]")
+
+
 def new_generator() -> torch.Generator:
     """A generator seeded from the OS, so every task and every epoch draws fresh augmentations.
 
