@@ -249,9 +249,26 @@ def alive(state: dict) -> list[psutil.Process]:
 def stop_cluster(state: dict, grace: float = 5.0) -> int:
     """Stop what `start_head` started (see the module docstring) and forget it."""
     n = stop_processes(state["processes"], state["leader"], grace)
+    forget_address(state["address"], state.get("temp_dir"))
     if read_state() == state:
         state_path().unlink()
     return n
+
+
+def forget_address(address: str, temp_dir: str | None) -> None:
+    """Remove Ray's pointer to the latest local cluster if it names the head just stopped.
+
+    `ray start` writes <temp>/ray_current_cluster; a later bare `ray.init()` or `ray status`
+    would join that address and retry the dead GCS for minutes. A pointer to another head is
+    left alone.
+    """
+    from ray._common.utils import get_ray_address_file  # where `ray start` wrote it
+    pointer = Path(get_ray_address_file(os.path.abspath(temp_dir) if temp_dir else None))
+    try:
+        if pointer.read_text().strip() == address:
+            pointer.unlink()
+    except OSError:  # absent, or not ours to remove
+        pass
 
 
 def cmd_up(args: argparse.Namespace) -> int:

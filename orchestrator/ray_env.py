@@ -68,7 +68,7 @@ def quiet_logs(verbose: bool) -> None:
 
 
 def init_ray(cluster: ClusterConfig, verbose: bool = False) -> None:
-    """Join `cluster.address`, or start Ray in this process bound to 127.0.0.1."""
+    """Join `cluster.address` (or RAY_ADDRESS), or start a Ray of this run's own on 127.0.0.1."""
     quiet_logs(verbose)
     if ray.is_initialized():
         return
@@ -82,7 +82,10 @@ def init_ray(cluster: ClusterConfig, verbose: bool = False) -> None:
         ray.init(address=address, **common)
         check_shared(cluster.storage_path, cluster.shared_storage, alive_hosts())
     else:
-        ray.init(num_cpus=cluster.num_cpus,
+        # "local": a Ray of this run's own. A bare `ray.init()` would join the latest cluster
+        # started on this machine (named in <temp>/ray_current_cluster), and when that head has
+        # been stopped it retries the dead GCS for minutes instead of starting.
+        ray.init(address="local", num_cpus=cluster.num_cpus,
                  object_store_memory=cluster.object_store_mb * 2**20 if cluster.object_store_mb else None,
                  include_dashboard=cluster.dashboard, dashboard_host="127.0.0.1", **common)
     ctx = ray.data.DataContext.get_current()

@@ -153,3 +153,25 @@ def test_joining_a_multi_machine_cluster_checks_the_storage(monkeypatch):
         ray_env.init_ray(ClusterConfig(address="10.0.0.1:6379", storage_path="/var/tmp/runs",
                                        shared_storage=False))
     assert joined == ["10.0.0.1:6379"]
+
+
+def test_down_forgets_rays_pointer_to_its_head_only(tmp_path):
+    pointer = tmp_path / "ray_current_cluster"  # where `ray start --temp-dir` writes it
+    pointer.write_text("10.0.0.9:6379")
+    cluster.forget_address("10.0.0.1:6379", str(tmp_path))
+    assert pointer.read_text() == "10.0.0.9:6379", "a pointer to another head was removed"
+    pointer.write_text("10.0.0.1:6379")
+    cluster.forget_address("10.0.0.1:6379", str(tmp_path))
+    assert not pointer.exists()
+    cluster.forget_address("10.0.0.1:6379", str(tmp_path))  # already gone: nothing to do
+
+
+def test_a_run_without_an_address_starts_its_own_ray(monkeypatch):
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_env.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_env.ray, "init", lambda **kw: started.append(kw))
+    ray_env.init_ray(ClusterConfig())
+    # "local", not None: None joins the latest cluster `ray start` left on this machine
+    assert [kw["address"] for kw in started] == ["local"]
+    assert started[0]["dashboard_host"] == "127.0.0.1"

@@ -280,6 +280,9 @@ def test_token_cluster_submit_follow_stop_and_down(session):
     assert down.returncode == 0 and "stopped the Ray head" in down.stdout, down.stderr
     assert s.state() is None
     assert not [p for p in processes if _same_process_alive(p)], "cluster down left processes"
+    # `ray start` pointed <temp>/ray_current_cluster at the head; a later plain `ray.init()`
+    # would join that dead address and retry it for minutes
+    assert not (Path(s.ray_tmp) / "ray_current_cluster").exists(), "down left Ray's pointer"
     token = s.token()
     assert token not in "\n".join(s.outputs), "the token was printed"
     assert token not in s.files_text(), "the token was written to a log or output file"
