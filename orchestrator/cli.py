@@ -23,14 +23,21 @@ import time
 
 from methods.config import ConfigError
 
-# Modules that add subcommands, with the subcommands each adds; one line each. Only the module
-# of the command being run is imported, so e.g. `selfsup jobs list` never imports torch.
-COMMANDS: dict[str, tuple[str, ...]] = {
-    "orchestrator.evaluate": ("eval", "baseline"),
-    "orchestrator.report": ("report",),
-    "orchestrator.cluster": ("cluster",),
-    "orchestrator.jobs": ("submit", "jobs"),
-    "orchestrator.sweep": ("sweep",),
+# The subcommands other modules add: name -> (module, one-line help). Only the module of the
+# command being run is imported, so e.g. `selfsup jobs list` never imports torch, and
+# `selfsup --help` lists them from here, importing none of them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("orchestrator.evaluate", "run evaluation stages on a checkpoint or run folder"),
+    "baseline": ("orchestrator.evaluate",
+                 "evaluate a config's method at random init (no training)"),
+    "report": ("orchestrator.report",
+               "compare runs and sweeps in one leaderboard (report.html, leaderboard.csv)"),
+    "cluster": ("orchestrator.cluster", "a local Ray head with the dashboard and token auth"),
+    "submit": ("orchestrator.jobs", "run a config on a Ray cluster through the Jobs API"),
+    "jobs": ("orchestrator.jobs", "list, follow and stop submitted jobs"),
+    "sweep": ("orchestrator.sweep",
+              "run a config's sweep section with Ray Tune, each trial the whole chain; "
+              "writes a leaderboard"),
 }
 
 
@@ -55,9 +62,15 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
     sub.add_parser("methods", help="list registered methods and their tunable hyperparameters"
                    ).set_defaults(handler=cmd_methods)
-    for module, names in COMMANDS.items():
-        if command is None or command in names:
-            importlib.import_module(module).add_parser(sub)
+    if command in COMMANDS:
+        module = COMMANDS[command][0]
+        importlib.import_module(module).add_parser(sub)  # adds every subcommand it holds
+        for name, (of, text) in COMMANDS.items():
+            if of == module:
+                sub.choices[name].description = text  # shown by `selfsup NAME --help`
+    else:  # the listing (`--help`, a typo): names and help only, no module imported
+        for name, (_, text) in COMMANDS.items():
+            sub.add_parser(name, help=text, add_help=False)
     return p
 
 

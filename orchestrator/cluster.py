@@ -341,7 +341,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("cluster", help="a local Ray head with the dashboard and token auth")
+    p = sub.add_parser("cluster")
     verbs = p.add_subparsers(dest="verb", required=True)
     up = verbs.add_parser("up", help="start a Ray head on this machine")
     up.add_argument("--num-cpus", type=int, help="logical CPUs Ray hands out (default: all)")

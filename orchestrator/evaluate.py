@@ -98,7 +98,7 @@ def random_init_checkpoint(cfg: ExperimentConfig, run_dir: str) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="run evaluation stages on a checkpoint or run folder")
+    p = sub.add_parser("eval")
     p.add_argument("checkpoint", help="checkpoint directory, or a run folder (latest checkpoint)")
     p.add_argument("--stages", help="comma-separated stages, e.g. knn,linear,tsne "
                                     "(default: the config's eval.stages)")
@@ -111,7 +111,7 @@ def add_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
     p.set_defaults(handler=cmd_eval)
 
-    b = sub.add_parser("baseline", help="evaluate a config's method at random init (no training)")
+    b = sub.add_parser("baseline")
     b.add_argument("config", help="YAML config (see configs/)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key, value parsed as YAML (repeatable)")

@@ -323,7 +323,7 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("submit", help="run a config on a Ray cluster through the Jobs API")
+    s = sub.add_parser("submit")
     s.add_argument("config", help="YAML config, anywhere on this machine; the job runs its "
                                   "resolved form (overrides applied, run name fixed). Its data "
                                   "paths are checked in the job, where the data is")
@@ -345,7 +345,7 @@ def add_parser(sub) -> None:
                         "spec for the job (pip:selfsup==0.1.0)")
     _address_arg(s)
     s.set_defaults(handler=_reported(cmd_submit))
-    p = sub.add_parser("jobs", help="list, follow and stop submitted jobs")
+    p = sub.add_parser("jobs")
     verbs = p.add_subparsers(dest="verb", required=True)
     for verb, handler, text in (("list", cmd_list, "submitted jobs and their status"),
                                 ("status", cmd_status, "one job's status"),

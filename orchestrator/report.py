@@ -234,8 +234,7 @@ def write_comparison(dirs: list[str], out: str | None = None) -> tuple[str, str]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="compare runs and sweeps in one leaderboard (report.html, "
-                                      "leaderboard.csv)")
+    p = sub.add_parser("report")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or sweep folders")
     p.add_argument("--out", help="HTML file to write (default: report.html in the first DIR's "
                                  "parent); leaderboard.csv goes beside it")

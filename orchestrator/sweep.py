@@ -319,8 +319,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
 
 def add_parser(sub) -> None:
     from orchestrator.cli import add_config_args
-    p = sub.add_parser("sweep", help="run a config's sweep section with Ray Tune, each trial the "
-                                     "whole chain; writes a leaderboard")
+    p = sub.add_parser("sweep")
     add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished "

@@ -123,6 +123,21 @@ def test_cli_methods_lists_every_method_first_on_its_line():
     assert "temperature=0.5" in out.splitlines()[names.index("simclr")]
 
 
+def test_cli_help_lists_every_command_without_importing_torch_or_ray():
+    code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "print('imported:', sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    from orchestrator.cli import COMMANDS
+    for name in ["run", "methods", *COMMANDS]:
+        assert f"    {name} " in out, f"`selfsup --help` does not list {name}:\n{out}"
+    assert out.splitlines()[-1] == "imported: []"
+    sub = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs", "--help"],
+                         check=True, capture_output=True, text=True).stdout
+    assert COMMANDS["jobs"][1] in sub and "{list,status,logs,stop}" in sub
+
+
 def test_config_errors_do_not_start_ray():
     import ray
     was = ray.is_initialized()
