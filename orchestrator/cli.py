@@ -51,7 +51,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The CLI's parser; given the `command` to run, only that command's module is imported."""
+    """The CLI's parser. Given the `command` to run, only that command's module is imported (none
+    for `run`, `methods`, the listing of `--help` and typos); `None` builds every command."""
     p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised learning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="pretrain a method and run its evaluation stages")
@@ -62,14 +63,14 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
     sub.add_parser("methods", help="list registered methods and their tunable hyperparameters"
                    ).set_defaults(handler=cmd_methods)
-    if command in COMMANDS:
-        module = COMMANDS[command][0]
-        importlib.import_module(module).add_parser(sub)  # adds every subcommand it holds
-        for name, (of, text) in COMMANDS.items():
-            if of == module:
-                sub.choices[name].description = text  # shown by `selfsup NAME --help`
-    else:  # the listing (`--help`, a typo): names and help only, no module imported
-        for name, (_, text) in COMMANDS.items():
+    wanted = {m for m, _ in COMMANDS.values()} if command is None else \
+        {COMMANDS[command][0]} if command in COMMANDS else set()
+    for name, (module, text) in COMMANDS.items():
+        if module in wanted and name not in sub.choices:
+            importlib.import_module(module).add_parser(sub)  # adds every subcommand it holds
+        if name in sub.choices:
+            sub.choices[name].description = text  # shown by `selfsup NAME --help`
+        else:  # listed by `--help` with its help line only, its module not imported
             sub.add_parser(name, help=text, add_help=False)
     return p
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _process_start()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = parser(command).parse_args(argv)
+    args = parser(command if command in COMMANDS else "").parse_args(argv)
     args.argv, args.started = argv, started
     try:
         return args.handler(args)
