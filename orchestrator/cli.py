@@ -63,10 +63,9 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
     sub.add_parser("methods", help="list registered methods and their tunable hyperparameters"
                    ).set_defaults(handler=cmd_methods)
-    wanted = {m for m, _ in COMMANDS.values()} if command is None else \
-        {COMMANDS[command][0]} if command in COMMANDS else set()
+    wanted = COMMANDS[command][0] if command in COMMANDS else None
     for name, (module, text) in COMMANDS.items():
-        if module in wanted and name not in sub.choices:
+        if name not in sub.choices and (command is None or module == wanted):
             importlib.import_module(module).add_parser(sub)  # adds every subcommand it holds
         if name in sub.choices:
             sub.choices[name].description = text  # shown by `selfsup NAME --help`
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _process_start()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = parser(command if command in COMMANDS else "").parse_args(argv)
+    args = parser(command or "").parse_args(argv)  # "": no command given, import none
     args.argv, args.started = argv, started
     try:
         return args.handler(args)
